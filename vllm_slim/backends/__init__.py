@@ -1,0 +1,1 @@
+"""vLLM glue: backend classes, registration in every vLLM process, weight binding."""

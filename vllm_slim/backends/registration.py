@@ -1,0 +1,143 @@
+"""Make `--attention-backend slim` work in every vLLM process.
+
+vLLM loads general plugins in the API server, the engine core and each worker;
+`register_backends` runs in all of them and is idempotent. Three fixes beyond
+registering the enum member (see shared notes, vllm-internals §4-5):
+- dynamic enum members pickle by value and the spawned engine unpickles the
+  config before loading plugins: ours pickle by name through `lookup_backend`;
+- the CPU platform silently swaps any selection for CPU_ATTN: ours are honoured
+  and validated there the way the CUDA platform does it;
+- W_KV needs the qkv weights, which the CPU platform deletes before the
+  attention impl's own post-load hook: a wrapper around the loader's
+  `process_weights_after_loading` binds every slim layer first.
+"""
+
+import torch
+
+from vllm.logger import init_logger
+
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's configured logger
+
+BACKENDS = {"SLIM": "vllm_slim.backends.slim_attn.SlimAttentionBackend"}
+
+_registered = False
+
+
+def lookup_backend(name: str):
+    """Unpickle one of our enum members by name (registering it first)."""
+    register_backends()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum[name]
+
+
+def register_backends() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    for name, path in BACKENDS.items():
+        if name not in AttentionBackendEnum.__members__:
+            AttentionBackendEnum.register(name, path)
+    _pickle_members_by_name(AttentionBackendEnum)
+    _honour_selection_on_cpu()
+    _bind_weights_after_loading()
+
+
+def _pickle_members_by_name(enum_cls) -> None:
+    by_value = enum_cls.__reduce_ex__
+
+    def reduce_ex(member, protocol):
+        if member.name in BACKENDS:
+            return lookup_backend, (member.name,)
+        return by_value(member, protocol)
+
+    enum_cls.__reduce_ex__ = reduce_ex
+
+
+def _honour_selection_on_cpu() -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return  # CUDA honours and validates any registered selection itself
+    platform_cls = type(current_platform)
+    stock_selector = platform_cls.get_attn_backend_cls.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if selected_backend is None or selected_backend.name not in BACKENDS:
+            return stock_selector(cls, selected_backend, attn_selector_config, num_heads)
+        backend = selected_backend.get_class()
+        reasons = backend.validate_configuration(
+            device_capability=None, **attn_selector_config._asdict()
+        )
+        if reasons:
+            raise ValueError(
+                f"Selected backend {selected_backend.name} is not valid for this "
+                f"configuration. Reason: {reasons}"
+            )
+        logger.info_once("Using %s attention backend on CPU.", selected_backend.name)
+        return selected_backend.get_path()
+
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def _bind_weights_after_loading() -> None:
+    from vllm.model_executor.model_loader import base_loader
+
+    stock_hook = base_loader.process_weights_after_loading
+    if getattr(stock_hook, "_slim_wrapped", False):
+        return
+
+    def process_weights_after_loading(model, model_config, target_device):
+        bind_slim_layers(model)
+        return stock_hook(model, model_config, target_device)
+
+    process_weights_after_loading._slim_wrapped = True
+    base_loader.process_weights_after_loading = process_weights_after_loading
+
+
+@torch.no_grad()
+def bind_slim_layers(model: torch.nn.Module) -> None:
+    """Solve W_KV for every slim layer, choose the spill width, log the numerics."""
+    from vllm.model_executor.layers.attention import Attention
+
+    from vllm_slim.backends.slim_attn import SlimAttentionBackend, SlimAttentionImpl
+    from vllm_slim.backends.weights import attention_weights
+    from vllm_slim.ops.slim import SlimNotApplicable
+    from vllm_slim.ops.slim.policy import choose_spill
+
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, Attention) and isinstance(module.impl, SlimAttentionImpl)
+    }
+    if not layers:
+        return
+    weights = {name: attention_weights(model, name, attn) for name, attn in layers.items()}
+    first = next(iter(layers.values()))
+    policy = first.impl.policy
+    decision, projections = choose_spill(
+        {n: (w.w_k, w.w_v, w.k_bias, w.v_bias) for n, w in weights.items()},
+        first.impl.num_heads,
+        first.impl.head_size,
+        first.impl.cache_torch_dtype,
+        policy,
+    )
+    logger.info("slim: per-layer numerics (V error relative to the stock cache's)\n%s", decision.table())
+    if not decision.within_budget:
+        message = (
+            f"slim: predicted V error exceeds its budget ({decision.error_budget:.2e}) even with "
+            f"{decision.spill_per_head} spill coordinates per head (capacity {decision.capacity_gain:.2f}x). "
+            "Raise the budget or the spill with --additional-config "
+            "'{\"slim\": {\"min_capacity_gain\": 1.5}}' (or \"spill_per_head\": N), or accept it "
+            "with '{\"slim\": {\"allow_over_budget\": true}}'.\n" + decision.table()
+        )
+        if not policy.allow_over_budget:
+            raise SlimNotApplicable(message)
+        logger.warning(message)
+    for name, attn in layers.items():
+        attn.impl.bind(projections[name], weights[name].rotary)
+        logger.info("slim: layer %s runs SLIM (spill %d/head)", name, decision.spill_per_head)
+    SlimAttentionBackend.spill_per_head = decision.spill_per_head

@@ -1,0 +1,248 @@
+"""Slim attention backend (arXiv 2503.05840): the paged cache holds only K.
+
+Each cached row is a head's post-RoPE key (what the scores need) followed by
+`spill_per_head` spill coordinates (what makes 16-bit storage safe, see
+`vllm_slim.ops.slim.policy`). Values are never stored: V = K_raw·W_KV + S·W_SV.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from vllm_slim.ops.slim import (
+    Rotary,
+    SlimNotApplicable,
+    SlimProjection,
+    decode_slim_attention,
+    parallel_slim_attention,
+    spill_coordinates,
+    unrope,
+)
+from vllm_slim.ops.slim.policy import SlimPolicy
+
+logger = init_logger(f"vllm.{__name__}")
+
+
+class SlimAttentionBackend(AttentionBackend):
+    # The cache write needs RoPE positions and V for the spill, both in forward().
+    forward_includes_kv_cache_update: bool = True
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    # The stored K must be the model's K: quantized caches would be amplified into V.
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    # Decided once per worker after the weights load (one width pages every layer alike).
+    spill_per_head: ClassVar[int | None] = None
+
+    @staticmethod
+    def get_name() -> str:
+        return "SLIM"
+
+    @staticmethod
+    def get_impl_cls() -> type["SlimAttentionImpl"]:
+        return SlimAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["SlimAttentionMetadataBuilder"]:
+        return SlimAttentionMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size > 0
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False  # connectors and offloading assume a fused K|V page
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """K-only page: the V slot shrinks to the spill coordinates."""
+        if cls.spill_per_head is None:
+            raise RuntimeError(
+                "slim: KV cache spec requested before the weights were bound "
+                "(the model loader hook did not run in this process)"
+            )
+        return dataclasses.replace(spec, head_size_v=cls.spill_per_head)
+
+
+@dataclass
+class SlimAttentionMetadata:
+    num_actual_tokens: int
+    query_start_loc: list[int]  # [B + 1], host
+    seq_lens: list[int]  # [B], host
+    block_table: torch.Tensor  # [B, max_blocks]
+    slot_mapping: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+
+
+class SlimAttentionMetadataBuilder(AttentionMetadataBuilder[SlimAttentionMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> SlimAttentionMetadata:
+        cam = common_attn_metadata
+        return SlimAttentionMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            query_start_loc=cam.query_start_loc_cpu[: cam.num_reqs + 1].tolist(),
+            seq_lens=cam.seq_lens[: cam.num_reqs].cpu().tolist(),
+            block_table=cam.block_table_tensor,
+            slot_mapping=cam.slot_mapping,
+            positions=cam.positions,
+        )
+
+
+class SlimAttentionImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra_impl_args,
+    ) -> None:
+        vllm_config = get_current_vllm_config()
+        _refuse_unsupported(
+            num_heads, num_kv_heads, sliding_window, alibi_slopes, logits_soft_cap,
+            kv_sharing_target_layer_name, extra_impl_args, vllm_config,
+        )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.cache_torch_dtype = kv_cache_dtype_str_to_dtype(kv_cache_dtype, vllm_config.model_config)
+        self.attn_type = attn_type
+        self.policy = SlimPolicy.from_config((vllm_config.additional_config or {}).get("slim", {}))
+        self.projection: SlimProjection | None = None
+        self.rotary: Rotary | None = None
+
+    def bind(self, projection: SlimProjection, rotary: Rotary | None) -> None:
+        """Attach the layer's value map and RoPE (from the loader hook)."""
+        self.projection = projection
+        self.rotary = rotary
+
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: SlimAttentionMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("slim: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling / warm-up
+            return output
+        if self.projection is None:
+            raise RuntimeError("slim: attention ran before W_KV was bound")
+        if self.projection.w_kv.device != query.device:
+            self.projection = self.projection.to(query.device)
+            self.rotary = self.rotary and Rotary(
+                self.rotary.cos_sin.to(query.device), self.rotary.rotary_dim, self.rotary.neox
+            )
+        n = attn_metadata.num_actual_tokens
+        key, value = key[:n], value[:n]
+        self._write_cache(key, value, kv_cache, attn_metadata)
+        cache_values = value.to(kv_cache.dtype)  # what a stock cache would hand back
+        qsl = attn_metadata.query_start_loc
+        for i, seq_len in enumerate(attn_metadata.seq_lens):
+            q = query[qsl[i] : qsl[i + 1]]
+            keys, spill = self._gather(kv_cache, attn_metadata.block_table[i], seq_len)
+            # Reordered (softmax·K)·W_KV while it is cheaper than rebuilding V (Lq < head_size).
+            form = decode_slim_attention if q.shape[0] < self.head_size else parallel_slim_attention
+            out = form(q, keys, spill, self.projection, self.rotary, self.scale, cache_values[qsl[i] : qsl[i + 1]])
+            output[qsl[i] : qsl[i + 1]] = out.to(output.dtype)
+        return output
+
+    def _write_cache(self, key, value, kv_cache, md: SlimAttentionMetadata) -> None:
+        """Store each token's K (and spill) row at its slot; slot -1 is padding."""
+        valid = md.slot_mapping[: key.shape[0]] >= 0
+        slots = md.slot_mapping[: key.shape[0]][valid]
+        key, value = key[valid], value[valid]
+        row = key
+        if self.projection.spill:
+            k_raw = unrope(key, md.positions[: valid.shape[0]][valid], self.rotary)
+            spill = spill_coordinates(k_raw, value, self.projection)
+            row = torch.cat((key.float(), spill.view(key.shape[0], self.num_heads, -1)), dim=-1)
+        block_size = kv_cache.shape[2]
+        kv_cache[slots // block_size, :, slots % block_size] = row.to(kv_cache.dtype)
+
+    def _gather(self, kv_cache, block_ids, seq_len):
+        """A sequence's cached K [L, H, D] and spill [L, r] from its blocks."""
+        block_size = kv_cache.shape[2]
+        blocks = kv_cache[block_ids[: -(-seq_len // block_size)]]  # [nb, H, bs, D + r_h]
+        rows = blocks.transpose(1, 2).reshape(-1, self.num_heads, blocks.shape[-1])[:seq_len]
+        spill = rows[..., self.head_size :].flatten(1) if self.projection.spill else None
+        return rows[..., : self.head_size], spill
+
+
+def _refuse_unsupported(
+    num_heads, num_kv_heads, sliding_window, alibi_slopes, logits_soft_cap,
+    kv_sharing_target_layer_name, extra_impl_args, vllm_config: VllmConfig,
+) -> None:
+    """Start-up errors for models slim cannot serve exactly; never a silent fallback."""
+    reasons = []
+    if num_kv_heads != num_heads:
+        reasons.append(
+            f"grouped-query attention ({num_heads} query heads, {num_kv_heads} KV heads): "
+            "K has fewer columns than the hidden state, so V is not a function of K"
+        )
+    if sliding_window is not None:
+        reasons.append(f"sliding-window attention (window {sliding_window})")
+    if alibi_slopes is not None:
+        reasons.append("ALiBi slopes")
+    if logits_soft_cap:
+        reasons.append(f"logit soft-capping ({logits_soft_cap})")
+    if kv_sharing_target_layer_name is not None:
+        reasons.append(f"cross-layer KV sharing (target {kv_sharing_target_layer_name})")
+    if extra_impl_args.get("sinks") is not None:
+        reasons.append("attention sinks")
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp > 1:
+        reasons.append(
+            f"tensor parallel size {tp}: every head's V needs every head's K, "
+            "which a head-sharded rank does not hold (use TP=1 or pipeline parallel)"
+        )
+    quantization = vllm_config.model_config.quantization if vllm_config.model_config else None
+    if quantization:
+        reasons.append(f"quantized checkpoint ({quantization}): W_K must be dense to solve W_KV")
+    if reasons:
+        raise SlimNotApplicable("slim attention cannot serve this model: " + "; ".join(reasons))

@@ -1,0 +1,1 @@
+"""Attention math as plain torch (no vLLM import)."""

@@ -1,0 +1,117 @@
+"""Slim's value map: V rebuilt from the cached key row, solved once per layer.
+
+Row-vector convention, as in the paper: K = X·W_K + b_K, V = X·W_V + b_V with
+W_K square (multi-head attention, one head block of K per head of V). Then
+V = (K − b_K)·W_K⁻¹·W_V + b_V exactly.
+
+Storage is not exact: the cached K carries its dtype's rounding, and W_K⁻¹
+amplifies it along W_K's weakest singular directions. *Spill* stores, next to
+K, the r coordinates of X along those weakest directions (u_j = left singular
+vectors of W_K with the smallest σ_j); V then needs W_K⁻¹ only on the strong
+part of W_K, where it amplifies little:
+
+    V = (K − b_K)·W_KV + S·W_SV + b_V,   S = X·U_weak
+    W_SV = U_weakᵀ·W_V,                  W_KV = W_K⁻¹·(W_V − U_weak·W_SV)
+
+X is not visible to the attention backend, but K and V both are at write time,
+so S comes from the least-squares X of the stacked projection [W_K | W_V],
+which V conditions well: S = [K − b_K, V − b_V]·pinv([W_K | W_V])·U_weak.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+class SlimNotApplicable(ValueError):
+    """A layer whose V is not a function of its K (the backend must refuse it)."""
+
+
+@dataclass(frozen=True)
+class SlimProjection:
+    """One layer's float32 maps between a cached key row and its values.
+
+    w_kv [d, dv], w_sv [r, dv], spill_in [d + dv, r]; d = num_heads·head_size,
+    dv = num_heads·head_size_v, r = number of spill coordinates (may be 0).
+    """
+
+    w_kv: torch.Tensor
+    w_sv: torch.Tensor
+    spill_in: torch.Tensor
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    num_heads: int
+    cond: float
+
+    @property
+    def spill(self) -> int:
+        return self.w_sv.shape[0]
+
+    def to(self, device) -> "SlimProjection":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SlimProjection(
+            move(self.w_kv), move(self.w_sv), move(self.spill_in),
+            move(self.k_bias), move(self.v_bias), self.num_heads, self.cond,
+        )
+
+
+def solve_projection(
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
+    k_bias: torch.Tensor | None,
+    v_bias: torch.Tensor | None,
+    num_heads: int,
+    spill: int,
+) -> SlimProjection:
+    """Solve W_KV (and the spill maps) in float64 with a solve, never an inverse.
+
+    w_k: [hidden, d] and w_v: [hidden, dv], so that K = X·w_k (row vectors).
+    """
+    hidden, d = w_k.shape
+    if hidden != d:
+        raise SlimNotApplicable(
+            f"W_K is {hidden}x{d}, not square: K does not determine X, so V is not a "
+            "function of K (slim needs multi-head attention with heads x head_size == hidden)"
+        )
+    if not 0 <= spill < d:
+        raise ValueError(f"spill must be in [0, {d}), got {spill}")
+    w_k64, w_v64 = w_k.double(), w_v.double()
+    u, sigma, _ = torch.linalg.svd(w_k64)
+    if sigma[-1] <= sigma[0] * torch.finfo(torch.float64).eps * d:
+        raise SlimNotApplicable(
+            f"W_K is singular (smallest singular value {sigma[-1].item():.3g}, "
+            f"largest {sigma[0].item():.3g}): V cannot be rebuilt from K"
+        )
+    u_weak = u[:, d - spill :]
+    w_sv = u_weak.T @ w_v64
+    w_kv = torch.linalg.solve(w_k64, w_v64 - u_weak @ w_sv)
+    spill_in = torch.linalg.pinv(torch.cat((w_k64, w_v64), dim=1)) @ u_weak
+    as32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
+    return SlimProjection(
+        as32(w_kv), as32(w_sv), as32(spill_in), as32(k_bias), as32(v_bias),
+        num_heads, (sigma[0] / sigma[-1]).item(),
+    )
+
+
+def spill_coordinates(k_raw: torch.Tensor, v: torch.Tensor, proj: SlimProjection) -> torch.Tensor:
+    """Spill S [T, r] float32 from raw keys [T, H, D] and values [T, H, Dv]."""
+    k0 = k_raw.flatten(1).float()
+    v0 = v.flatten(1).float()
+    if proj.k_bias is not None:
+        k0 = k0 - proj.k_bias
+    if proj.v_bias is not None:
+        v0 = v0 - proj.v_bias
+    return torch.cat((k0, v0), dim=1) @ proj.spill_in
+
+
+def rebuild_values(k_raw: torch.Tensor, spill: torch.Tensor | None, proj: SlimProjection) -> torch.Tensor:
+    """V [T, H, Dv] float32 from raw keys [T, H, D] and spill [T, r] (left form)."""
+    k0 = k_raw.flatten(1).float()
+    if proj.k_bias is not None:
+        k0 = k0 - proj.k_bias
+    v = k0 @ proj.w_kv
+    if proj.spill:
+        v = v + spill.float() @ proj.w_sv
+    if proj.v_bias is not None:
+        v = v + proj.v_bias
+    return v.view(k_raw.shape[0], proj.num_heads, -1)
