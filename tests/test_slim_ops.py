@@ -11,7 +11,7 @@ from vllm_slim.ops.slim import (
     rebuild_values,
     rotate,
     solve_projection,
-    spill_coordinates,
+    cache_rows,
     unrope,
 )
 
@@ -41,7 +41,7 @@ def test_rebuilt_values_equal_projected_values(spill, bias):
     k = x @ w_k + (b_k if bias else 0)
     v = x @ w_v + (b_v if bias else 0)
     k3, v3 = k.view(tokens, heads, head_size), v.view(tokens, heads, head_size)
-    s = spill_coordinates(k3, v3, proj)
+    _, s = cache_rows(k3, v3, proj)
     if spill:  # the spill is X's coordinates along W_K's weakest directions
         u, _, _ = torch.linalg.svd(w_k)
         torch.testing.assert_close(s.double(), x @ u[:, -spill:], rtol=1e-3, atol=1e-3)
@@ -65,7 +65,8 @@ def test_spill_removes_amplified_rounding():
 
     def v_error(spill):
         proj = solve_projection(w_k, w_v, None, None, heads, spill)
-        s = spill_coordinates(k_bf16, v.bfloat16(), proj).bfloat16()
+        _, s = cache_rows(k_bf16, v.bfloat16(), proj)
+        s = s.bfloat16()
         return ((rebuild_values(k_bf16, s, proj).double() - v).norm() / v.norm()).item()
 
     stock = ((v.bfloat16().double() - v).norm() / v.norm()).item()

@@ -100,13 +100,13 @@ def _bind_weights_after_loading() -> None:
 
 @torch.no_grad()
 def bind_slim_layers(model: torch.nn.Module) -> None:
-    """Solve W_KV for every slim layer, choose the spill width, log the numerics."""
+    """Choose the cache layout, solve W_KV for every slim layer, log the numerics."""
     from vllm.model_executor.layers.attention import Attention
 
     from vllm_slim.backends.slim_attn import SlimAttentionBackend, SlimAttentionImpl
     from vllm_slim.backends.weights import attention_weights
     from vllm_slim.ops.slim import SlimNotApplicable
-    from vllm_slim.ops.slim.policy import choose_spill
+    from vllm_slim.ops.slim.policy import choose_layout
 
     layers = {
         name: module
@@ -116,28 +116,30 @@ def bind_slim_layers(model: torch.nn.Module) -> None:
     if not layers:
         return
     weights = {name: attention_weights(model, name, attn) for name, attn in layers.items()}
-    first = next(iter(layers.values()))
-    policy = first.impl.policy
-    decision, projections = choose_spill(
+    impl = next(iter(layers.values())).impl
+    policy = impl.policy
+    layout, projections = choose_layout(
         {n: (w.w_k, w.w_v, w.k_bias, w.v_bias) for n, w in weights.items()},
-        first.impl.num_heads,
-        first.impl.head_size,
-        first.impl.cache_torch_dtype,
+        impl.num_heads,
+        impl.head_size,
+        impl.model_dtype,
+        impl.cache_torch_dtype,
+        impl.kv_cache_dtype != "auto",
         policy,
     )
-    logger.info("slim: per-layer numerics (V error relative to the stock cache's)\n%s", decision.table())
-    if not decision.within_budget:
+    logger.info("slim: per-layer V error predicted for isotropic inputs\n%s", layout.table())
+    if not layout.within_budget:
         message = (
-            f"slim: predicted V error exceeds its budget ({decision.error_budget:.2e}) even with "
-            f"{decision.spill_per_head} spill coordinates per head (capacity {decision.capacity_gain:.2f}x). "
+            f"slim: predicted V error exceeds its budget ({layout.error_budget:.2e}) even with "
+            f"{layout.spill_per_head} spill coordinates per head (capacity {layout.capacity_gain:.2f}x). "
             "Raise the budget or the spill with --additional-config "
             "'{\"slim\": {\"min_capacity_gain\": 1.5}}' (or \"spill_per_head\": N), or accept it "
-            "with '{\"slim\": {\"allow_over_budget\": true}}'.\n" + decision.table()
+            "with '{\"slim\": {\"allow_over_budget\": true}}'.\n" + layout.table()
         )
         if not policy.allow_over_budget:
             raise SlimNotApplicable(message)
         logger.warning(message)
     for name, attn in layers.items():
         attn.impl.bind(projections[name], weights[name].rotary)
-        logger.info("slim: layer %s runs SLIM (spill %d/head)", name, decision.spill_per_head)
-    SlimAttentionBackend.spill_per_head = decision.spill_per_head
+        logger.info("slim: layer %s runs SLIM", name)
+    SlimAttentionBackend.layout = layout

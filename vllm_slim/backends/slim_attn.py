@@ -1,8 +1,9 @@
 """Slim attention backend (arXiv 2503.05840): the paged cache holds only K.
 
 Each cached row is a head's post-RoPE key (what the scores need) followed by
-`spill_per_head` spill coordinates (what makes 16-bit storage safe, see
-`vllm_slim.ops.slim.policy`). Values are never stored: V = K_raw·W_KV + S·W_SV.
+`spill_per_head` spill coordinates, in the dtype the layout chose (what makes
+16-bit storage safe, see `vllm_slim.ops.slim.policy`). Values are never
+stored: V = K_raw·W_KV + S·W_SV.
 """
 
 import dataclasses
@@ -28,12 +29,13 @@ from vllm_slim.ops.slim import (
     Rotary,
     SlimNotApplicable,
     SlimProjection,
+    cache_rows,
     decode_slim_attention,
     parallel_slim_attention,
-    spill_coordinates,
+    rotate,
     unrope,
 )
-from vllm_slim.ops.slim.policy import SlimPolicy
+from vllm_slim.ops.slim.policy import SlimLayout, SlimPolicy
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -46,8 +48,8 @@ class SlimAttentionBackend(AttentionBackend):
     # The stored K must be the model's K: quantized caches would be amplified into V.
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
 
-    # Decided once per worker after the weights load (one width pages every layer alike).
-    spill_per_head: ClassVar[int | None] = None
+    # Decided once per worker after the weights load (one layout pages every layer alike).
+    layout: ClassVar[SlimLayout | None] = None
 
     @staticmethod
     def get_name() -> str:
@@ -80,12 +82,14 @@ class SlimAttentionBackend(AttentionBackend):
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         """K-only page: the V slot shrinks to the spill coordinates."""
-        if cls.spill_per_head is None:
+        if cls.layout is None:
             raise RuntimeError(
                 "slim: KV cache spec requested before the weights were bound "
                 "(the model loader hook did not run in this process)"
             )
-        return dataclasses.replace(spec, head_size_v=cls.spill_per_head)
+        return dataclasses.replace(
+            spec, head_size_v=cls.layout.spill_per_head, dtype=cls.layout.store_dtype
+        )
 
 
 @dataclass
@@ -144,7 +148,9 @@ class SlimAttentionImpl(AttentionImpl):
         self.head_size = head_size
         self.scale = float(scale)
         self.kv_cache_dtype = kv_cache_dtype
+        # The stock cache's dtype; slim's own store dtype comes from the layout.
         self.cache_torch_dtype = kv_cache_dtype_str_to_dtype(kv_cache_dtype, vllm_config.model_config)
+        self.model_dtype = vllm_config.model_config.dtype
         self.attn_type = attn_type
         self.policy = SlimPolicy.from_config((vllm_config.additional_config or {}).get("slim", {}))
         self.projection: SlimProjection | None = None
@@ -181,7 +187,7 @@ class SlimAttentionImpl(AttentionImpl):
         n = attn_metadata.num_actual_tokens
         key, value = key[:n], value[:n]
         self._write_cache(key, value, kv_cache, attn_metadata)
-        cache_values = value.to(kv_cache.dtype)  # what a stock cache would hand back
+        cache_values = value.to(self.cache_torch_dtype)  # what a stock cache would hand back
         qsl = attn_metadata.query_start_loc
         for i, seq_len in enumerate(attn_metadata.seq_lens):
             q = query[qsl[i] : qsl[i + 1]]
@@ -198,10 +204,15 @@ class SlimAttentionImpl(AttentionImpl):
         slots = md.slot_mapping[: key.shape[0]][valid]
         key, value = key[valid], value[valid]
         row = key
-        if self.projection.spill:
-            k_raw = unrope(key, md.positions[: valid.shape[0]][valid], self.rotary)
-            spill = spill_coordinates(k_raw, value, self.projection)
-            row = torch.cat((key.float(), spill.view(key.shape[0], self.num_heads, -1)), dim=-1)
+        proj = self.projection
+        if proj.spill or proj.refine is not None:
+            positions = md.positions[: valid.shape[0]][valid]
+            keys, spill = cache_rows(unrope(key, positions, self.rotary), value, proj)
+            if proj.refine is None:
+                keys = key.float()  # stored as the model made it: no round trip through RoPE
+            elif self.rotary is not None:
+                keys = rotate(keys, positions, self.rotary)
+            row = torch.cat((keys, spill.view(key.shape[0], self.num_heads, -1)), dim=-1)
         block_size = kv_cache.shape[2]
         kv_cache[slots // block_size, :, slots % block_size] = row.to(kv_cache.dtype)
 

@@ -13,12 +13,12 @@ from vllm_slim.ops.slim.projection import (
     SlimProjection,
     rebuild_values,
     solve_projection,
-    spill_coordinates,
+    cache_rows,
 )
 from vllm_slim.ops.slim.rope import Rotary, rotate, unrope
 
 __all__ = [
-    "Rotary", "SlimNotApplicable", "SlimProjection", "decode_slim_attention",
+    "Rotary", "SlimNotApplicable", "SlimProjection", "cache_rows", "decode_slim_attention",
     "naive_slim_attention", "parallel_slim_attention", "rebuild_values", "rotate",
-    "solve_projection", "spill_coordinates", "unrope",
+    "solve_projection", "unrope",
 ]

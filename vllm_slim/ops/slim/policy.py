@@ -1,23 +1,26 @@
-"""Slim's storage policy: how many spill coordinates make a 16-bit K cache safe.
+"""Slim's storage policy: the cache dtype and spill width that make a 16-bit K cache safe.
 
-The cached K row is rounded to the cache dtype; rebuilding V multiplies that
-rounding by W_KV. With isotropic unit-variance X (K_j has variance ‖W_K[:, j]‖²),
-element-wise relative rounding u gives a V error, relative to the stock cache's
-own u on V, of
+With isotropic unit-variance X (so coordinate j of K|V has variance
+‖[W_K | W_V][:, j]‖²) and element-wise relative rounding, V rebuilt from the
+cache has relative error e with
 
-    ratio² = (Σ_j ‖W_K[:, j]‖²·‖W_KV[j, :]‖²          (rounded K through W_KV)
-              + ‖W_SV‖_F²                              (rounded spill)
-              + Σ_j ‖[W_K | W_V][:, j]‖²·‖(spill_in·W_SV)[j, :]‖²)   (spill estimate)
-             / ‖W_V‖_F²
+    e²·‖W_V‖_F² = u_model²·Σ_j var_j·‖P[j, :]‖²              (the model's own K, V rounding)
+               + u_cache²·(Σ_j var_j·‖W_KV[j, :]‖² + ‖W_SV‖_F²)   (the cache's rounding)
 
-independent of the dtype. The policy picks the fewest spill coordinates per head
-(one width for every layer, since vLLM pages every layer alike) that keep every
-layer's predicted V error within `max_error_ratio` × the stock cache's error in
-the same dtype, as long as the capacity gain stays at or above
-`min_capacity_gain`. The budget is never tighter than ERROR_FLOOR: a float32
-cache's own error (6e-8) is far below anything that moves a token. Real
-activations are not isotropic: the end-to-end teacher-forced tests check the
-budget on trained weights.
+where P maps the model's [K, V] to the rebuilt V (through W_KV unless the key
+is refined, see `projection.py`), and the K term of the cache's rounding drops
+when the cache stores the model's K unchanged in a dtype at least as fine.
+
+The policy:
+- stores K in float16 for bfloat16 models (8x finer mantissa, same bytes) and
+  refines it from K and V, unless the user fixed `--kv-cache-dtype`;
+- picks the fewest spill coordinates per head (one width for every layer:
+  vLLM pages every layer alike) keeping every layer within `max_error_ratio` x
+  the stock cache's own V error (never tighter than ERROR_FLOOR), as long as
+  the capacity gain stays at or above `min_capacity_gain`; otherwise refuses
+  (or, if allowed, serves with a warning).
+Real activations are not isotropic: the end-to-end teacher-forced tests check
+the budget on trained weights.
 """
 
 import functools
@@ -27,16 +30,18 @@ import torch
 
 from vllm_slim.ops.slim.projection import SlimProjection, solve_projection
 
-ERROR_FLOOR = 1e-4  # relative V error no budget needs to go below
+ERROR_FLOOR = 1e-4  # relative V error no budget needs to go below (float32 caches)
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
 class SlimPolicy:
     """User knobs (vLLM `--additional-config '{"slim": {...}}'`)."""
 
-    max_error_ratio: float = 2.0
+    max_error_ratio: float = 1.5  # predicted; real activations measured up to 2x it
     min_capacity_gain: float = 1.8
     spill_per_head: int | None = None  # a fixed width instead of the search
+    store_dtype: str = "auto"  # or a name in STORE_DTYPES
     allow_over_budget: bool = False  # serve (with a warning) instead of refusing
 
     @classmethod
@@ -46,60 +51,26 @@ class SlimPolicy:
             raise ValueError(
                 f"unknown slim option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
             )
-        return cls(**options)
+        policy = cls(**options)
+        if policy.store_dtype != "auto" and policy.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"slim store_dtype must be auto or one of {sorted(STORE_DTYPES)}")
+        return policy
 
 
 @functools.cache
 def stock_rounding_error(dtype: torch.dtype) -> float:
-    """Relative L2 error of rounding N(0, 1) values to `dtype` (the stock cache's)."""
+    """Relative L2 error of rounding N(0, 1) values to `dtype`."""
     x = torch.randn(1 << 14, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return ((x.to(dtype).double() - x).norm() / x.norm()).item()
 
 
-@dataclass(frozen=True)
-class LayerNumerics:
-    name: str
-    cond: float
-    ratio_without_spill: float
-    ratio: float
-
-
-@dataclass
-class PolicyDecision:
-    spill_per_head: int
-    capacity_gain: float
-    cache_dtype: torch.dtype
-    max_error_ratio: float
-    layers: list[LayerNumerics] = field(default_factory=list)
-
-    @property
-    def error_budget(self) -> float:
-        """Largest relative V error allowed for this cache dtype."""
-        return max(self.max_error_ratio * stock_rounding_error(self.cache_dtype), ERROR_FLOOR)
-
-    @property
-    def within_budget(self) -> bool:
-        stock = stock_rounding_error(self.cache_dtype)
-        return all(layer.ratio * stock <= self.error_budget for layer in self.layers)
-
-    def table(self) -> str:
-        """Per-layer numerics as a fixed-width table for the start-up log."""
-        bf16, fp16 = stock_rounding_error(torch.bfloat16), stock_rounding_error(torch.float16)
-        lines = [
-            f"{'layer':<32} {'cond(W_K)':>10} {'V err x stock':>14} {'with spill':>11}"
-            f" {'pred V err bf16':>16} {'fp16':>9}"
-        ]
-        for layer in self.layers:
-            lines.append(
-                f"{layer.name:<32} {layer.cond:>10.3g} {layer.ratio_without_spill:>14.3g}"
-                f" {layer.ratio:>11.3g} {layer.ratio * bf16:>16.2e} {layer.ratio * fp16:>9.2e}"
-            )
-        lines.append(
-            f"spill {self.spill_per_head}/head -> capacity {self.capacity_gain:.3f}x stock;"
-            f" {self.cache_dtype} cache, V error budget {self.error_budget:.2e}:"
-            f" {'met' if self.within_budget else 'EXCEEDED'}"
-        )
-        return "\n".join(lines)
+def store_dtype_for(model_dtype: torch.dtype, stock_cache_dtype: torch.dtype, user_fixed: bool, policy: SlimPolicy) -> torch.dtype:
+    """The dtype slim's cache stores: float16 for bfloat16 unless fixed by the user."""
+    if policy.store_dtype != "auto":
+        return STORE_DTYPES[policy.store_dtype]
+    if user_fixed or stock_cache_dtype != torch.bfloat16:
+        return stock_cache_dtype
+    return torch.float16
 
 
 def capacity_gain(head_size: int, spill_per_head: int) -> float:
@@ -107,50 +78,109 @@ def capacity_gain(head_size: int, spill_per_head: int) -> float:
     return 2 * head_size / (head_size + spill_per_head)
 
 
-def predicted_error_ratio(w_k: torch.Tensor, w_v: torch.Tensor, proj: SlimProjection) -> float:
-    """Slim's V error over the stock cache's, for isotropic X (see module doc)."""
+def predicted_v_error(
+    w_k: torch.Tensor, w_v: torch.Tensor, proj: SlimProjection,
+    model_dtype: torch.dtype, store_dtype: torch.dtype,
+) -> float:
+    """Relative error of the rebuilt V for isotropic X (see module doc)."""
     w_k, w_v = w_k.double(), w_v.double()
     w_kv, w_sv = proj.w_kv.double(), proj.w_sv.double()
-    through_k = (w_k.norm(dim=0) ** 2 * w_kv.norm(dim=1) ** 2).sum()
-    through_spill = (w_sv**2).sum()
-    stacked = torch.cat((w_k, w_v), dim=1)
-    spill_estimate = (stacked.norm(dim=0) ** 2 * (proj.spill_in.double() @ w_sv).norm(dim=1) ** 2).sum()
-    return ((through_k + through_spill + spill_estimate) / (w_v**2).sum()).sqrt().item()
+    d = w_k.shape[1]
+    u_model, u_store = stock_rounding_error(model_dtype), stock_rounding_error(store_dtype)
+    var = torch.cat((w_k, w_v), dim=1).norm(dim=0) ** 2
+    through_spill = proj.spill_in.double() @ w_sv
+    if proj.refine is not None:
+        path = proj.refine.double() @ w_kv + through_spill
+    else:
+        path = through_spill.clone()
+        path[:d] += w_kv
+    model_term = u_model**2 * (var * path.norm(dim=1) ** 2).sum()
+    key_stored_again = proj.refine is not None or u_store > u_model
+    store_term = u_store**2 * ((w_sv**2).sum() + key_stored_again * (var[:d] * w_kv.norm(dim=1) ** 2).sum())
+    return ((model_term + store_term) / (w_v**2).sum()).sqrt().item()
 
 
-def choose_spill(
+@dataclass(frozen=True)
+class LayerNumerics:
+    name: str
+    cond: float
+    error_naive: float  # the paper's cache: stock dtype, no spill, no refinement
+    error: float  # under the chosen layout
+
+
+@dataclass
+class SlimLayout:
+    """The cache layout chosen for a model, with the numbers behind it."""
+
+    spill_per_head: int
+    store_dtype: torch.dtype
+    refine: bool
+    capacity_gain: float
+    stock_error: float  # the stock cache's relative V error
+    error_budget: float
+    layers: list[LayerNumerics] = field(default_factory=list)
+
+    @property
+    def within_budget(self) -> bool:
+        return all(layer.error <= self.error_budget for layer in self.layers)
+
+    def table(self) -> str:
+        """Per-layer numerics as a fixed-width table for logs and `inspect`."""
+        lines = [
+            f"{'layer':<36} {'cond(W_K)':>10} {'naive V err':>12} {'slim V err':>11} {'x stock':>8}"
+        ]
+        for layer in self.layers:
+            lines.append(
+                f"{layer.name:<36} {layer.cond:>10.3g} {layer.error_naive:>12.2e}"
+                f" {layer.error:>11.2e} {layer.error / self.stock_error:>8.2f}"
+            )
+        dtype = str(self.store_dtype).removeprefix("torch.")
+        lines.append(
+            f"layout: K in {dtype}{' (refined from K and V)' if self.refine else ''}, spill"
+            f" {self.spill_per_head}/head -> capacity {self.capacity_gain:.3f}x stock; stock V err"
+            f" {self.stock_error:.2e}, budget {self.error_budget:.2e}:"
+            f" {'met' if self.within_budget else 'EXCEEDED'}"
+        )
+        return "\n".join(lines)
+
+
+def choose_layout(
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
     num_heads: int,
     head_size: int,
-    cache_dtype: torch.dtype,
+    model_dtype: torch.dtype,
+    stock_cache_dtype: torch.dtype,
+    user_fixed_cache_dtype: bool,
     policy: SlimPolicy,
-) -> tuple[PolicyDecision, dict[str, SlimProjection]]:
-    """Pick the spill width and solve every layer's projection with it.
+) -> tuple[SlimLayout, dict[str, SlimProjection]]:
+    """Pick the layout and solve every layer's projection under it.
 
     layers: name -> (w_k [hidden, d], w_v, k_bias, v_bias) in K = X·W_K form.
     """
+    store = store_dtype_for(model_dtype, stock_cache_dtype, user_fixed_cache_dtype, policy)
+    refine = torch.finfo(store).eps < torch.finfo(model_dtype).eps
+    stock_error = stock_rounding_error(stock_cache_dtype)
+    budget = max(policy.max_error_ratio * stock_error, ERROR_FLOOR)
     if policy.spill_per_head is not None:
         candidates = [policy.spill_per_head]
     else:
         most = max(r for r in range(head_size) if capacity_gain(head_size, r) >= policy.min_capacity_gain)
         candidates = list(range(most + 1))
-    baseline: dict[str, tuple[float, float]] = {}
+    naive: dict[str, tuple[float, float]] = {}
+    for name, (w_k, w_v, b_k, b_v) in layers.items():
+        proj = solve_projection(w_k, w_v, b_k, b_v, num_heads, 0)
+        naive[name] = (proj.cond, predicted_v_error(w_k, w_v, proj, model_dtype, stock_cache_dtype))
     for spill_per_head in candidates:
         projections, numerics = {}, []
         for name, (w_k, w_v, b_k, b_v) in layers.items():
-            proj = solve_projection(w_k, w_v, b_k, b_v, num_heads, spill_per_head * num_heads)
-            ratio = predicted_error_ratio(w_k, w_v, proj)
-            if name not in baseline:
-                unspilled = ratio if spill_per_head == 0 else predicted_error_ratio(
-                    w_k, w_v, solve_projection(w_k, w_v, b_k, b_v, num_heads, 0)
-                )
-                baseline[name] = (proj.cond, unspilled)
+            proj = solve_projection(w_k, w_v, b_k, b_v, num_heads, spill_per_head * num_heads, refine)
             projections[name] = proj
-            numerics.append(LayerNumerics(name, baseline[name][0], baseline[name][1], ratio))
-        decision = PolicyDecision(
-            spill_per_head, capacity_gain(head_size, spill_per_head), cache_dtype,
-            policy.max_error_ratio, numerics,
+            error = predicted_v_error(w_k, w_v, proj, model_dtype, store)
+            numerics.append(LayerNumerics(name, naive[name][0], naive[name][1], error))
+        layout = SlimLayout(
+            spill_per_head, store, refine, capacity_gain(head_size, spill_per_head),
+            stock_error, budget, numerics,
         )
-        if decision.within_budget:
+        if layout.within_budget:
             break
-    return decision, projections
+    return layout, projections

@@ -14,8 +14,14 @@ part of W_K, where it amplifies little:
     W_SV = U_weakᵀ·W_V,                  W_KV = W_K⁻¹·(W_V − U_weak·W_SV)
 
 X is not visible to the attention backend, but K and V both are at write time,
-so S comes from the least-squares X of the stacked projection [W_K | W_V],
+so S comes from the least-squares X̂ of the stacked projection [W_K | W_V],
 which V conditions well: S = [K − b_K, V − b_V]·pinv([W_K | W_V])·U_weak.
+
+*Refinement*: a 16-bit model hands over K already rounded to its dtype, and
+that rounding is amplified like any other. When the cache stores K in a finer
+dtype than the model's (float16 for a bfloat16 model), the stored key is
+K̃ = X̂·W_K + b_K instead, whose V = X̂·W_V carries only the stacked fit's
+small error. Then only the cache's own (finer) rounding is amplified.
 """
 
 from dataclasses import dataclass
@@ -31,13 +37,15 @@ class SlimNotApplicable(ValueError):
 class SlimProjection:
     """One layer's float32 maps between a cached key row and its values.
 
-    w_kv [d, dv], w_sv [r, dv], spill_in [d + dv, r]; d = num_heads·head_size,
-    dv = num_heads·head_size_v, r = number of spill coordinates (may be 0).
+    w_kv [d, dv], w_sv [r, dv], spill_in [d + dv, r], refine [d + dv, d] or
+    None; d = num_heads·head_size, dv = num_heads·head_size_v, r = number of
+    spill coordinates (may be 0).
     """
 
     w_kv: torch.Tensor
     w_sv: torch.Tensor
     spill_in: torch.Tensor
+    refine: torch.Tensor | None
     k_bias: torch.Tensor | None
     v_bias: torch.Tensor | None
     num_heads: int
@@ -50,7 +58,7 @@ class SlimProjection:
     def to(self, device) -> "SlimProjection":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SlimProjection(
-            move(self.w_kv), move(self.w_sv), move(self.spill_in),
+            move(self.w_kv), move(self.w_sv), move(self.spill_in), move(self.refine),
             move(self.k_bias), move(self.v_bias), self.num_heads, self.cond,
         )
 
@@ -62,8 +70,9 @@ def solve_projection(
     v_bias: torch.Tensor | None,
     num_heads: int,
     spill: int,
+    refine: bool = False,
 ) -> SlimProjection:
-    """Solve W_KV (and the spill maps) in float64 with a solve, never an inverse.
+    """Solve W_KV (and the spill and refinement maps) in float64, never inverting W_K.
 
     w_k: [hidden, d] and w_v: [hidden, dv], so that K = X·w_k (row vectors).
     """
@@ -85,23 +94,33 @@ def solve_projection(
     u_weak = u[:, d - spill :]
     w_sv = u_weak.T @ w_v64
     w_kv = torch.linalg.solve(w_k64, w_v64 - u_weak @ w_sv)
-    spill_in = torch.linalg.pinv(torch.cat((w_k64, w_v64), dim=1)) @ u_weak
+    least_squares_x = torch.linalg.pinv(torch.cat((w_k64, w_v64), dim=1))  # [d + dv, hidden]
     as32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
     return SlimProjection(
-        as32(w_kv), as32(w_sv), as32(spill_in), as32(k_bias), as32(v_bias),
-        num_heads, (sigma[0] / sigma[-1]).item(),
+        as32(w_kv), as32(w_sv), as32(least_squares_x @ u_weak),
+        as32(least_squares_x @ w_k64) if refine else None,
+        as32(k_bias), as32(v_bias), num_heads, (sigma[0] / sigma[-1]).item(),
     )
 
 
-def spill_coordinates(k_raw: torch.Tensor, v: torch.Tensor, proj: SlimProjection) -> torch.Tensor:
-    """Spill S [T, r] float32 from raw keys [T, H, D] and values [T, H, Dv]."""
+def cache_rows(k_raw: torch.Tensor, v: torch.Tensor, proj: SlimProjection) -> tuple[torch.Tensor, torch.Tensor]:
+    """What slim stores for new tokens: raw keys [T, H, D] (refined if the
+    projection refines) and spill S [T, r], float32, from the raw keys and
+    values [T, H, Dv] the model produced."""
     k0 = k_raw.flatten(1).float()
     v0 = v.flatten(1).float()
     if proj.k_bias is not None:
         k0 = k0 - proj.k_bias
     if proj.v_bias is not None:
         v0 = v0 - proj.v_bias
-    return torch.cat((k0, v0), dim=1) @ proj.spill_in
+    kv0 = torch.cat((k0, v0), dim=1)
+    keys = k_raw.float()
+    if proj.refine is not None:
+        keys = kv0 @ proj.refine
+        if proj.k_bias is not None:
+            keys = keys + proj.k_bias
+        keys = keys.view_as(k_raw)
+    return keys, kv0 @ proj.spill_in
 
 
 def rebuild_values(k_raw: torch.Tensor, spill: torch.Tensor | None, proj: SlimProjection) -> torch.Tensor:

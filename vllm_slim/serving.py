@@ -1,0 +1,94 @@
+"""Start and talk to the stock vLLM OpenAI server (demo, tests and benchmarks share this).
+
+The CPU build's `vllm` console script looks up a distribution named `vllm` and
+fails, so the server is always started as `python -m vllm.entrypoints.openai.api_server`.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def api_server_command(model: str, args: list[str]) -> list[str]:
+    """The `vllm serve MODEL ARGS` equivalent that works with both vLLM builds."""
+    return [sys.executable, "-m", API_SERVER_MODULE, "--model", model, *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real vLLM OpenAI server in a subprocess, its output kept in a log file."""
+
+    def __init__(self, model: str, args: list[str], startup_timeout: float = 600.0, env: dict | None = None):
+        self.port = free_port()
+        self.model = model
+        self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.startup_timeout = startup_timeout
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Server":
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                api_server_command(self.model, self.args),
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"vLLM server not healthy after {self.startup_timeout}s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def num_gpu_blocks(self) -> int:
+        """KV cache blocks the engine allocated, from `vllm:cache_config_info`."""
+        match = re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', self.metrics())
+        if not match:
+            raise RuntimeError("vllm:cache_config_info{num_gpu_blocks} not on /metrics")
+        return int(match.group(1))
