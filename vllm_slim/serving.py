@@ -4,6 +4,7 @@ The CPU build's `vllm` console script looks up a distribution named `vllm` and
 fails, so the server is always started as `python -m vllm.entrypoints.openai.api_server`.
 """
 
+import json
 import os
 import re
 import signal
@@ -82,13 +83,27 @@ class Server:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
+    def post(self, path: str, payload: dict, timeout: float = 300.0) -> dict:
+        """POST JSON to the server and return the decoded JSON answer."""
+        request = urllib.request.Request(
+            f"{self.url}{path}", data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def cache_config(self) -> dict[str, str]:
+        """The labels of `vllm:cache_config_info` (num_gpu_blocks, block_size, ...)."""
+        match = re.search(r"vllm:cache_config_info\{([^}]*)\}", self.metrics())
+        if not match:
+            raise RuntimeError("vllm:cache_config_info not on /metrics")
+        return dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+
+    def capacity_tokens(self) -> int:
+        """Tokens the engine's KV cache holds: num_gpu_blocks x block_size."""
+        info = self.cache_config()
+        return int(info["num_gpu_blocks"]) * int(info["block_size"])
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
             return r.read().decode()
-
-    def num_gpu_blocks(self) -> int:
-        """KV cache blocks the engine allocated, from `vllm:cache_config_info`."""
-        match = re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', self.metrics())
-        if not match:
-            raise RuntimeError("vllm:cache_config_info{num_gpu_blocks} not on /metrics")
-        return int(match.group(1))

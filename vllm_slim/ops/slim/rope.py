@@ -25,12 +25,15 @@ class Rotary:
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, inverse: bool = False):
-    """Rotate x [T, H, D] by the angles of `positions` [T]; `inverse` undoes it."""
-    cos, sin = rotary.cos_sin.index_select(0, positions).float().chunk(2, dim=-1)
+    """Rotate x [T, H, D] by the angles of `positions` [T]; `inverse` undoes it.
+
+    Computes in float32 (float64 inputs stay float64)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = rotary.cos_sin.index_select(0, positions).to(dtype).chunk(2, dim=-1)
     if inverse:
         sin = -sin
     cos, sin = cos[:, None, :], sin[:, None, :]
-    rot, rest = x[..., : rotary.rotary_dim].float(), x[..., rotary.rotary_dim :].float()
+    rot, rest = x[..., : rotary.rotary_dim].to(dtype), x[..., rotary.rotary_dim :].to(dtype)
     if rotary.neox:
         x1, x2 = rot.chunk(2, dim=-1)
         rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -41,7 +44,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, inverse: bo
 
 
 def unrope(k: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
-    """Raw float32 keys [T, H, D] from post-RoPE keys; identity without RoPE."""
+    """Raw keys [T, H, D] (float32 or wider) from post-RoPE keys; identity without RoPE."""
     if rotary is None:
-        return k.float()
+        return k.to(torch.promote_types(k.dtype, torch.float32))
     return rotate(k, positions, rotary, inverse=True)
