@@ -22,13 +22,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vllm-slim")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="start the stock OpenAI server (vllm serve equivalent)")
-    demo = sub.add_parser("demo", help="build a small MHA model, serve it with slim and stock, compare")
-    demo.add_argument("--workdir", default=None, help="where to build the model (default: a temp dir)")
+    sub.add_parser("demo", help="serve the bundled small MHA model with slim and stock, compare")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from vllm_slim.demo import run_demo
 
-        run_demo(args.workdir)
+        run_demo()
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def bind_slim_layers(model: torch.nn.Module) -> None:
         if not policy.allow_over_budget:
             raise SlimNotApplicable(message)
         logger.warning(message)
+    expected = {numerics.name: numerics.error for numerics in layout.layers}
     for name, attn in layers.items():
-        attn.impl.bind(projections[name], weights[name].rotary)
+        attn.impl.bind(name, projections[name], weights[name].rotary, expected[name])
         logger.info("slim: layer %s runs SLIM", name)
     SlimAttentionBackend.layout = layout

@@ -32,6 +32,7 @@ from vllm_slim.ops.slim import (
     cache_rows,
     decode_slim_attention,
     parallel_slim_attention,
+    rebuild_values,
     rotate,
     unrope,
 )
@@ -155,11 +156,16 @@ class SlimAttentionImpl(AttentionImpl):
         self.policy = SlimPolicy.from_config((vllm_config.additional_config or {}).get("slim", {}))
         self.projection: SlimProjection | None = None
         self.rotary: Rotary | None = None
+        self.layer_name = ""
+        self.expected_error = 0.0
+        self.verified = False
 
-    def bind(self, projection: SlimProjection, rotary: Rotary | None) -> None:
+    def bind(self, layer_name: str, projection: SlimProjection, rotary: Rotary | None, expected_error: float) -> None:
         """Attach the layer's value map and RoPE (from the loader hook)."""
+        self.layer_name = layer_name
         self.projection = projection
         self.rotary = rotary
+        self.expected_error = expected_error
 
     def forward(
         self,
@@ -205,8 +211,10 @@ class SlimAttentionImpl(AttentionImpl):
         key, value = key[valid], value[valid]
         row = key
         proj = self.projection
+        positions = md.positions[: valid.shape[0]][valid]
+        if not self.verified:
+            self._verify_binding(key, value, positions)
         if proj.spill or proj.refine is not None:
-            positions = md.positions[: valid.shape[0]][valid]
             keys, spill = cache_rows(unrope(key, positions, self.rotary), value, proj)
             if proj.refine is None:
                 keys = key.float()  # stored as the model made it: no round trip through RoPE
@@ -215,6 +223,22 @@ class SlimAttentionImpl(AttentionImpl):
             row = torch.cat((keys, spill.view(key.shape[0], self.num_heads, -1)), dim=-1)
         block_size = kv_cache.shape[2]
         kv_cache[slots // block_size, :, slots % block_size] = row.to(kv_cache.dtype)
+
+    def _verify_binding(self, key, value, positions) -> None:
+        """Refuse to serve if values rebuilt from the first real keys do not match
+        the model's: the projections or RoPE found for this layer are not the ones
+        the model computes with, and every later answer would be silently wrong."""
+        k_raw = unrope(key, positions, self.rotary)
+        keys, spill = cache_rows(k_raw, value, self.projection)
+        rebuilt = rebuild_values(keys if self.projection.refine is not None else k_raw, spill, self.projection)
+        error = ((rebuilt - value.float()).norm() / value.float().norm().clamp_min(1e-30)).item()
+        if error > max(0.05, 10 * self.expected_error):
+            raise SlimNotApplicable(
+                f"slim: {self.layer_name}: values rebuilt from the first keys differ from the "
+                f"model's by {error:.1%} (expected {self.expected_error:.1e}): the K/V projections "
+                "or RoPE found for this architecture are not the ones it computes with"
+            )
+        self.verified = True
 
     def _gather(self, kv_cache, block_ids, seq_len):
         """A sequence's cached K [L, H, D] and spill [L, r] from its blocks."""
