@@ -1,9 +1,13 @@
 """Shared fixtures: models built on the spot, and real vLLM servers reused across tests.
 
-Starting a vLLM server costs ~20-60 s on CPU, so servers are pooled by (model,
-arguments) and tests that need the same one share it; at most two run at once.
+Starting a vLLM server costs ~40 s on CPU (three processes each import vLLM), so
+servers are pooled by (model, arguments) and tests that need the same one share
+it; at most two run at once per pytest-xdist worker (`make test` runs two, one
+test file each at a time: files are grouped by the servers they share).
 """
 
+import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -14,13 +18,30 @@ from vllm_slim.serving import Server
 
 TRAINED_MODEL = Path(__file__).parents[1] / "vllm_slim" / "fixtures" / "trained" / "tiny-llama-pysrc"
 
+# Code prompts of several shapes; the long one goes through chunked prefill.
+PROMPTS = (
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\nclass Config:\n    def __init__(self",
+    "# Copyright 2001 Python Software Foundation\n" * 12,
+    "for i in range(10):\n    print(",
+)
+
 # Same memory setting for every server, so capacities compare.
 SERVER_ARGS = (
-    "--max-model-len", "1024", "--gpu-memory-utilization", "0.3", "--enforce-eager",
+    "--max-model-len", "1024", "--gpu-memory-utilization", "0.15", "--enforce-eager",
     "--block-size", "32", "--max-num-seqs", "8",
     # Small steps: long prompts go through chunked prefill.
     "--max-num-batched-tokens", "64",
 )
+
+
+def core_binding() -> dict[str, str]:
+    """Under pytest-xdist, one core per worker for its servers' compute threads: left to
+    itself the CPU build binds every server to core 0, and two workers' servers would share it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker is None:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(int(worker.removeprefix("gw")) % os.cpu_count())}
 
 
 class ServerPool:
@@ -35,7 +56,7 @@ class ServerPool:
             return self.alive[key]
         while len(self.alive) >= self.max_alive:
             self.alive.popitem(last=False)[1].stop()
-        server = Server(str(model), [*SERVER_ARGS, *args]).__enter__()
+        server = Server(str(model), [*SERVER_ARGS, *args], env=core_binding()).__enter__()
         self.alive[key] = server
         return server
 
@@ -54,13 +75,13 @@ def servers():
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """models(arch, **options) -> model dir, built once per session per options."""
-    built: dict[tuple, Path] = {}
+    built: dict[str, Path] = {}
     root = tmp_path_factory.mktemp("models")
 
     def get(arch: str, **options) -> Path:
-        key = (arch, *sorted(options.items()))
+        key = repr((arch, sorted(options.items())))  # option values may be lists
         if key not in built:
-            name = "-".join([arch, *(f"{k}={v}" for k, v in sorted(options.items()))])
+            name = re.sub(r"[^\w.=-]+", "_", "-".join([arch, *(f"{k}={v}" for k, v in sorted(options.items()))]))
             built[key] = build_model(arch, root / name, **options)
         return built[key]
 
@@ -68,6 +89,41 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prompts() -> tuple[str, ...]:
+    return PROMPTS
+
+
+@pytest.fixture(scope="session")
 def trained_model() -> Path:
     assert (TRAINED_MODEL / "config.json").exists(), f"trained fixture missing at {TRAINED_MODEL}"
     return TRAINED_MODEL
+
+
+@pytest.fixture(scope="session")
+def refused_startup():
+    """refused_startup(model, *args, env=None) -> the log of a server that must exit during start-up."""
+
+    def start(model: Path | str, *args: str, env: dict | None = None) -> str:
+        server = Server(str(model), [*SERVER_ARGS, *args], env={**core_binding(), **(env or {})})
+        with pytest.raises(RuntimeError, match="vLLM server exited"):
+            server.__enter__()
+        return server.log()
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def check_chat_and_streaming():
+    """check(server, prompt): chat and text completions answer, and streaming gives the same text."""
+
+    def check(server: Server, prompt: str) -> None:
+        body = {"model": server.model, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        messages = [{"role": "user", "content": "Write a Python function."}]
+        chat = server.post("/v1/chat/completions", {**body, "messages": messages})
+        text = chat["choices"][0]["message"]["content"]
+        assert chat["usage"]["completion_tokens"] == 24 and text
+        assert "".join(server.stream("/v1/chat/completions", {**body, "messages": messages})) == text
+        completion = server.post("/v1/completions", {**body, "prompt": prompt})["choices"][0]["text"]
+        assert "".join(server.stream("/v1/completions", {**body, "prompt": prompt})) == completion
+
+    return check

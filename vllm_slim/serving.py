@@ -92,6 +92,33 @@ class Server:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             return json.loads(r.read())
 
+    def stream(self, path: str, payload: dict, stop_after: int | None = None) -> list[str]:
+        """The text pieces of a streamed answer. With `stop_after`, hang up after that many pieces:
+        closing the connection makes the server abort the request."""
+        request = urllib.request.Request(
+            f"{self.url}{path}", data=json.dumps({**payload, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        pieces = []
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                line = line.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                pieces.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+                if stop_after is not None and len(pieces) >= stop_after:
+                    break
+        return pieces
+
+    def greedy_tokens(self, prompts: list[str], max_tokens: int = 32) -> list[list[int]]:
+        """Greedy completion token ids for `prompts`, sent as one request (decoded as one batch)."""
+        answer = self.post("/v1/completions", {
+            "model": self.model, "prompt": prompts, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+        })
+        return [choice["token_ids"] for choice in sorted(answer["choices"], key=lambda c: c["index"])]
+
     def cache_config(self) -> dict[str, str]:
         """The labels of `vllm:cache_config_info` (num_gpu_blocks, block_size, ...)."""
         match = re.search(r"vllm:cache_config_info\{([^}]*)\}", self.metrics())

@@ -1,4 +1,4 @@
-"""Make `--attention-backend slim` work in every vLLM process.
+"""Make `--attention-backend slim` (and `sata`) work in every vLLM process.
 
 vLLM loads general plugins in the API server, the engine core and each worker;
 `register_backends` runs in all of them and is idempotent. Three fixes beyond
@@ -10,6 +10,9 @@ registering the enum member (see shared notes, vllm-internals §4-5):
 - W_KV needs the qkv weights, which the CPU platform deletes before the
   attention impl's own post-load hook: a wrapper around the loader's
   `process_weights_after_loading` binds every slim layer first.
+For sata, two more: prefix caching is turned off (a fixed-size state cannot be
+shared or rewound to a prefix), and the engine's "not enough KV cache memory"
+error is restated as what one sequence's state needs and which order would fit.
 """
 
 import torch
@@ -18,7 +21,10 @@ from vllm.logger import init_logger
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's configured logger
 
-BACKENDS = {"SLIM": "vllm_slim.backends.slim_attn.SlimAttentionBackend"}
+BACKENDS = {
+    "SLIM": "vllm_slim.backends.slim_attn.SlimAttentionBackend",
+    "SATA": "vllm_slim.backends.sata_attn.SataAttentionBackend",
+}
 
 _registered = False
 
@@ -44,6 +50,8 @@ def register_backends() -> None:
     _pickle_members_by_name(AttentionBackendEnum)
     _honour_selection_on_cpu()
     _bind_weights_after_loading()
+    _sata_prefix_caching_off()
+    _explain_sata_memory_errors()
 
 
 def _pickle_members_by_name(enum_cls) -> None:
@@ -144,3 +152,80 @@ def bind_slim_layers(model: torch.nn.Module) -> None:
         attn.impl.bind(name, projections[name], weights[name].rotary, expected[name])
         logger.info("slim: layer %s runs SLIM", name)
     SlimAttentionBackend.layout = layout
+
+
+def _selects_sata(vllm_config) -> bool:
+    backend = vllm_config.attention_config.backend
+    return backend is not None and backend.name == "SATA"
+
+
+def _sata_prefix_caching_off() -> None:
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    stock_check = platform_cls.check_and_update_config.__func__
+    if getattr(stock_check, "_sata_wrapped", False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        stock_check(cls, vllm_config)
+        if _selects_sata(vllm_config) and vllm_config.cache_config.enable_prefix_caching:
+            vllm_config.cache_config.enable_prefix_caching = False
+            logger.info(
+                "sata: prefix caching turned off: a sequence keeps one fixed-size state, which "
+                "cannot be shared with another sequence or rewound to a common prefix"
+            )
+
+    check_and_update_config._sata_wrapped = True
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _explain_sata_memory_errors() -> None:
+    from vllm.v1.engine import core
+
+    stock_configs = core.get_kv_cache_configs
+    if getattr(stock_configs, "_sata_wrapped", False):
+        return
+
+    def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+        try:
+            return stock_configs(vllm_config, kv_cache_specs, available_memory)
+        except ValueError as error:
+            if not _selects_sata(vllm_config):
+                raise
+            message = _sata_memory_message(vllm_config, kv_cache_specs[0], min(available_memory))
+            if message is None:
+                raise
+            raise ValueError(message) from error
+
+    get_kv_cache_configs._sata_wrapped = True
+    core.get_kv_cache_configs = get_kv_cache_configs
+
+
+def _sata_memory_message(vllm_config, layer_specs: dict, available: int) -> str | None:
+    """What one sequence's state needs against what the cache has, and the largest order that fits."""
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    from vllm_slim.ops.sata import state_bytes
+    from vllm_slim.ops.sata.policy import SataPolicy, largest_fitting_order
+
+    order = SataPolicy.from_config((vllm_config.additional_config or {}).get("sata", {})).order
+    head_size = vllm_config.model_config.get_head_size()
+    # Each sata layer's state block is [KV heads, m, d_v + 1].
+    shapes = [
+        (spec.shapes[0][0], head_size, spec.shapes[0][2] - 1)
+        for spec in layer_specs.values() if isinstance(spec, MambaSpec)
+    ]
+    needed = sum(heads * state_bytes(d, d_v, order) for heads, d, d_v in shapes)
+    if not shapes or needed <= available:
+        return None
+    fitting = largest_fitting_order(shapes, available)
+    advice = (
+        f"order {fitting} would fit: --additional-config '{{\"sata\": {{\"order\": {fitting}}}}}'"
+        if fitting else "no order fits: give the cache more memory"
+    )
+    return (
+        f"sata: one sequence's state at order {order} needs {needed / 2**30:.2f} GiB "
+        f"({len(shapes)} layers x {shapes[0][0]} KV heads of {head_size}), more than the "
+        f"{available / 2**30:.2f} GiB available for the cache; {advice}"
+    )

@@ -16,15 +16,14 @@ from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 from vllm.v1.attention.backend import (
-    AttentionBackend,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
-    MultipleOf,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from vllm_slim.backends.common import DecoderAttentionBackend, unsupported_features
 from vllm_slim.ops.slim import (
     Rotary,
     SlimNotApplicable,
@@ -41,13 +40,14 @@ from vllm_slim.ops.slim.policy import SlimLayout, SlimPolicy
 logger = init_logger(f"vllm.{__name__}")
 
 
-class SlimAttentionBackend(AttentionBackend):
-    # The cache write needs RoPE positions and V for the spill, both in forward().
-    forward_includes_kv_cache_update: bool = True
-
+class SlimAttentionBackend(DecoderAttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     # The stored K must be the model's K: quantized caches would be amplified into V.
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    kv_cache_dtype_reason = (
+        "slim stores K in 16 bits or more: a quantized K's error reaches every value amplified by cond(W_K)"
+    )
+    sliding_window_reason = "not implemented by slim"
 
     # Decided once per worker after the weights load (one layout pages every layer alike).
     layout: ClassVar[SlimLayout | None] = None
@@ -63,22 +63,6 @@ class SlimAttentionBackend(AttentionBackend):
     @staticmethod
     def get_builder_cls() -> type["SlimAttentionMetadataBuilder"]:
         return SlimAttentionMetadataBuilder
-
-    @staticmethod
-    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return [MultipleOf(1)]
-
-    @classmethod
-    def supports_head_size(cls, head_size: int) -> bool:
-        return head_size > 0
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
-
-    @classmethod
-    def supports_kv_connector(cls) -> bool:
-        return False  # connectors and offloading assume a fused K|V page
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
@@ -262,22 +246,12 @@ def _refuse_unsupported(
         )
     if sliding_window is not None:
         reasons.append(f"sliding-window attention (window {sliding_window})")
-    if alibi_slopes is not None:
-        reasons.append("ALiBi slopes")
-    if logits_soft_cap:
-        reasons.append(f"logit soft-capping ({logits_soft_cap})")
-    if kv_sharing_target_layer_name is not None:
-        reasons.append(f"cross-layer KV sharing (target {kv_sharing_target_layer_name})")
-    if extra_impl_args.get("sinks") is not None:
-        reasons.append("attention sinks")
-    tp = vllm_config.parallel_config.tensor_parallel_size
-    if tp > 1:
-        reasons.append(
-            f"tensor parallel size {tp}: every head's V needs every head's K, "
-            "which a head-sharded rank does not hold (use TP=1 or pipeline parallel)"
-        )
+    reasons += unsupported_features(
+        alibi_slopes, logits_soft_cap, kv_sharing_target_layer_name, extra_impl_args, vllm_config,
+        "every head's V needs every head's K, which a head-sharded rank does not hold (use TP=1)",
+    )
     quantization = vllm_config.model_config.quantization if vllm_config.model_config else None
     if quantization:
-        reasons.append(f"quantized checkpoint ({quantization}): W_K must be dense to solve W_KV")
+        reasons.append(f"quantized weights ({quantization}): W_K must be dense to solve W_KV")
     if reasons:
         raise SlimNotApplicable("slim attention cannot serve this model: " + "; ".join(reasons))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_slim.ops.options import policy_from_options
 from vllm_slim.ops.slim.projection import SlimProjection, solve_projection
 
 ERROR_FLOOR = 1e-4  # relative V error no budget needs to go below (float32 caches)
@@ -46,12 +47,7 @@ class SlimPolicy:
 
     @classmethod
     def from_config(cls, options: dict) -> "SlimPolicy":
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(
-                f"unknown slim option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
-            )
-        policy = cls(**options)
+        policy = policy_from_options(cls, options, "slim")
         if policy.store_dtype != "auto" and policy.store_dtype not in STORE_DTYPES:
             raise ValueError(f"slim store_dtype must be auto or one of {sorted(STORE_DTYPES)}")
         return policy

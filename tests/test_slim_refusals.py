@@ -1,0 +1,48 @@
+"""Models and settings slim cannot serve are refused at start-up by the real server,
+with an error that names the reason and the offending values; never a silent fallback."""
+
+import pytest
+
+from vllm_slim.fixtures.models import build_whisper
+
+SLIM = ("--dtype", "float32", "--attention-backend", "slim")
+SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}
+
+CASES = {
+    "gqa": (
+        "llama", {"num_key_value_heads": 2}, (),
+        "grouped-query attention (4 query heads, 2 KV heads)",
+    ),
+    "mqa": (
+        "llama", {"num_key_value_heads": 1}, (),
+        "grouped-query attention (4 query heads, 1 KV heads)",
+    ),
+    "qk_norm": ("qwen3", {}, (), "QK-norm (Qwen3Attention.q_norm)"),
+    "sliding_window": (
+        "llama", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}, (),
+        "sliding-window attention",
+    ),
+    "fp8_kv_cache": ("llama", {}, ("--kv-cache-dtype", "fp8"), "KV-cache dtype 'fp8'"),
+    # fp8 needs 16-bit activations; the later --dtype wins.
+    "quantized": ("llama", {}, ("--dtype", "bfloat16", "--quantization", "fp8"), "quantized weights (fp8)"),
+    "tensor_parallel": ("llama", {}, ("--tensor-parallel-size", "2"), "tensor parallel size 2"),
+}
+# The CPU build binds each TP rank's threads to a NUMA node unless told which cores to use.
+ENV = {"tensor_parallel": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("case", CASES)
+def test_refused_at_startup_with_the_reason(models, refused_startup, case):
+    arch, overrides, extra_args, reason = CASES[case]
+    log = refused_startup(models(arch, **SMALL, **overrides), *SLIM, *extra_args, env=ENV.get(case))
+    assert reason in log, log[-3000:]
+    assert "runs SLIM" not in log
+
+
+@pytest.mark.server
+def test_encoder_decoder_refused(tmp_path, refused_startup):
+    # Whisper prefills without chunking: a step must fit the prompt and its 1500 audio frames.
+    length = ("--max-model-len", "448", "--max-num-batched-tokens", "1500")
+    log = refused_startup(build_whisper(tmp_path / "whisper"), *SLIM, *length)
+    assert "attention type 'encoder_decoder' (slim serves decoder self-attention only" in log, log[-3000:]

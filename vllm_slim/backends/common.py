@@ -1,0 +1,70 @@
+"""What the slim and sata backends share: decoder self-attention only, any block and head size,
+their own cache write inside forward(), and start-up errors that say what is unsupported and why."""
+
+from typing import ClassVar
+
+from vllm.config import VllmConfig
+from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleOf
+
+
+class DecoderAttentionBackend(AttentionBackend):
+    # The cache (or state) update needs more than K and V at their slots: it happens in forward().
+    forward_includes_kv_cache_update: bool = True
+
+    # Why the KV-cache dtypes this backend refuses are refused, and what sliding windows would need.
+    kv_cache_dtype_reason: ClassVar[str] = ""
+    sliding_window_reason: ClassVar[str] = ""
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size > 0
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False  # connectors and offloading assume the stock K|V page
+
+    @classmethod
+    def validate_configuration(cls, **config) -> list[str]:
+        """vLLM's checks, with its generic reasons replaced by ones that name the value and why."""
+        attn_type = config.get("attn_type")
+        name = cls.get_name().lower()
+        specific = {
+            "kv_cache_dtype not supported": (
+                f"KV-cache dtype {config.get('kv_cache_dtype')!r} ({cls.kv_cache_dtype_reason}; "
+                f"use one of {cls.supported_kv_cache_dtypes})"
+            ),
+            f"attention type {attn_type} not supported": (
+                f"attention type {getattr(attn_type, 'value', attn_type)!r} ({name} serves decoder "
+                "self-attention only; encoder and encoder-decoder cross-attention are not handled by it)"
+            ),
+            "sliding window not supported": f"sliding-window attention ({cls.sliding_window_reason})",
+        }
+        return [specific.get(reason, reason) for reason in super().validate_configuration(**config)]
+
+
+def unsupported_features(
+    alibi_slopes, logits_soft_cap, kv_sharing_target_layer_name, extra_impl_args, vllm_config: VllmConfig,
+    tensor_parallel_reason: str,
+) -> list[str]:
+    """Attention features neither backend implements, as reasons naming the offending values."""
+    reasons = []
+    if alibi_slopes is not None:
+        reasons.append("ALiBi slopes")
+    if logits_soft_cap:
+        reasons.append(f"logit soft-capping ({logits_soft_cap})")
+    if kv_sharing_target_layer_name is not None:
+        reasons.append(f"cross-layer KV sharing (target {kv_sharing_target_layer_name})")
+    if extra_impl_args.get("sinks") is not None:
+        reasons.append("attention sinks")
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp > 1:
+        reasons.append(f"tensor parallel size {tp}: {tensor_parallel_reason}")
+    return reasons
