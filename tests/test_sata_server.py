@@ -1,0 +1,117 @@
+"""SATA through the real stock OpenAI server, checked against a transformers model running
+SATA's exact definition (`vllm_slim.fixtures.sata_reference`), in float32."""
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from transformers import AutoTokenizer
+
+from vllm_slim.fixtures.sata_reference import greedy_tokens, load_reference
+
+SATA = ("--dtype", "float32", "--attention-backend", "sata")
+# Two usable state blocks (vLLM holds one back as its null block): at most two sequences hold a
+# state at once, the rest queue. Long enough for the 2,000-token generation (a state block
+# covers the whole model length).
+MAIN = (*SATA, "--num-gpu-blocks-override", "3", "--max-model-len", "2048")
+# Weights 10x the usual init: logits of a few units, where SATA and softmax attention differ
+# (at the usual init every attention row is all but uniform, and the two agree).
+SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "initializer_range": 0.2}
+
+
+def _gauge(server, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", server.metrics(), re.M)
+    assert match, f"{name} not on /metrics"
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def sata(servers, models):
+    return servers.get(models("llama", **SMALL), *MAIN)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("heads", [{}, {"num_key_value_heads": 2}], ids=["mha", "gqa"])
+def test_greedy_equals_reference(servers, models, prompts, heads):
+    model = models("llama", **SMALL, **heads)
+    server = servers.get(model, *MAIN)
+    assert "Using SATA attention backend on CPU" in server.log()
+    assert "sata: prefix caching turned off" in server.log()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    reference = load_reference(model, order=3)
+    softmax = load_reference(model, order=None)
+    # The long prompt runs through chunked prefill: the state is carried across steps.
+    got = server.greedy_tokens(list(prompts))
+    expected, exact = [], []
+    for prompt in prompts:
+        ids = tokenizer(prompt).input_ids
+        expected.append(greedy_tokens(reference, ids, 32))
+        exact.append(greedy_tokens(softmax, ids, 32))
+    assert got == expected
+    assert got != exact  # what ran is SATA, not softmax attention
+
+
+@pytest.mark.server
+def test_chat_and_streaming(sata, prompts, check_chat_and_streaming):
+    check_chat_and_streaming(sata, prompts[0])
+
+
+@pytest.mark.server
+def test_concurrent_requests_match_sequential(sata, prompts):
+    # Eight requests, two state blocks: they queue and reuse each other's blocks.
+    requests = [f"{prompts[i % len(prompts)]}# request {i}\n" for i in range(8)]
+    sequential = [sata.greedy_tokens([r], 48)[0] for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        concurrent = list(pool.map(lambda r: sata.greedy_tokens([r], 48)[0], requests))
+    assert concurrent == sequential
+
+
+@pytest.mark.server
+def test_cancelled_request_leaves_no_state(sata, prompts):
+    expected = sata.greedy_tokens([prompts[1]], 32)[0]
+    body = {"model": sata.model, "prompt": prompts[3], "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+    assert len(sata.stream("/v1/completions", body, stop_after=5)) == 5
+    _wait_until(lambda: _gauge(sata, "vllm:kv_cache_usage_perc") == 0, "the cancelled request's state was not freed")
+    # The next request takes the freed block and must start from an empty state.
+    assert sata.greedy_tokens([prompts[1]], 32)[0] == expected
+
+
+def _wait_until(condition, message: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.2)
+
+
+@pytest.mark.server
+def test_state_stays_constant_over_2000_tokens(sata):
+    """One state block the whole way: the cache usage a request holds does not grow with its length."""
+    body = {"model": sata.model, "prompt": "def main():\n", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    usage, generated = [], []
+    done = threading.Thread(target=lambda: generated.append(sata.post("/v1/completions", body, timeout=1200)))
+    done.start()
+    while done.is_alive():
+        usage.append(_gauge(sata, "vllm:kv_cache_usage_perc"))
+        done.join(2.0)
+    assert generated[0]["usage"]["completion_tokens"] == 2000
+    held = [u for u in usage if u > 0]
+    assert len(held) >= 5, usage
+    assert set(held) == {0.5}  # one of the two blocks, from the first token to the 2,000th
+
+
+@pytest.mark.server
+def test_even_order_refused(models, refused_startup):
+    log = refused_startup(models("llama", **SMALL), *SATA, "--additional-config", '{"sata": {"order": 4}}')
+    assert "sata order 4 ends on an odd degree (3)" in log, log[-3000:]
+
+
+@pytest.mark.server
+def test_order_too_large_for_memory_refused_with_one_that_fits(models, refused_startup):
+    log = refused_startup(models("llama", **SMALL), *SATA, "--additional-config", '{"sata": {"order": 11}}')
+    match = re.search(r"sata: one sequence's state at order 11 needs ([\d.]+) GiB .* more than the "
+                      r"([\d.]+) GiB available for the cache; order (\d+) would fit", log)
+    assert match, log[-3000:]
+    needed, available, fitting = float(match[1]), float(match[2]), int(match[3])
+    assert needed > available and fitting in (1, 3, 5, 7, 9)
