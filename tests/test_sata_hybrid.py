@@ -1,0 +1,72 @@
+"""Hybrid reference (exact sink and window keys, truncated series for older ones): its limits and a hand case."""
+
+import math
+
+import pytest
+import torch
+
+from vllm_slim.ops.sata import naive_hybrid_sata_attention, naive_sata_attention, naive_softmax_attention
+
+
+def qkv(tokens, heads, kv_heads, head_size, std=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = std * torch.randn(tokens, heads, head_size, generator=g, dtype=torch.float64)
+    k = std * torch.randn(tokens, kv_heads, head_size, generator=g, dtype=torch.float64)
+    v = torch.randn(tokens, kv_heads, head_size, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("sink_tokens", [0, 3])
+def test_window_covering_all_tokens_is_exact_softmax(heads, kv_heads, sink_tokens):
+    # std 3 gives logits of several units, where the series alone would be far off.
+    q, k, v = qkv(40, heads, kv_heads, 8, std=3.0)
+    for window in (40, 100):
+        torch.testing.assert_close(
+            naive_hybrid_sata_attention(q, k, v, None, 3, sink_tokens, window), naive_softmax_attention(q, k, v)
+        )
+
+
+@pytest.mark.parametrize("order", [1, 3, 5])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_no_sinks_no_window_is_plain_sata(order, heads, kv_heads):
+    q, k, v = qkv(40, heads, kv_heads, 8)
+    torch.testing.assert_close(
+        naive_hybrid_sata_attention(q, k, v, 0.3, order, 0, 0), naive_sata_attention(q, k, v, 0.3, order)
+    )
+
+
+def test_sinks_alone_cover_a_short_sequence():
+    q, k, v = qkv(5, 2, 2, 4, std=2.0)
+    torch.testing.assert_close(naive_hybrid_sata_attention(q, k, v, None, 3, 5, 0), naive_softmax_attention(q, k, v))
+
+
+def test_hand_computed_case():
+    # One head, d = 1, scale 1: logits are q_t·k_s. Tokens 0..3, 1 sink, window 1 (the query itself), order 3.
+    q = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=torch.float64).view(4, 1, 1)
+    k = torch.tensor([1.0, -1.0, 2.0, 3.0], dtype=torch.float64).view(4, 1, 1)
+    v = torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=torch.float64).view(4, 1, 1)
+    out = naive_hybrid_sata_attention(q, k, v, 1.0, 3, 1, 1)[:, 0, 0]
+
+    def series(x):
+        return 1 + x + x * x / 2
+
+    # Query 3 (q = 0.5): key 0 is the sink, key 3 is the query itself, keys 1 and 2 use the series.
+    weights = [math.exp(0.5), series(-0.5), series(1.0), math.exp(1.5)]
+    expected_3 = sum(w * x for w, x in zip(weights, [10, 20, 30, 40])) / sum(weights)
+    # Query 2 (q = −1): sink key 0, series key 1 (x = 1), exact key 2 (x = −2).
+    weights = [math.exp(-1.0), series(1.0), math.exp(-2.0)]
+    expected_2 = sum(w * x for w, x in zip(weights, [10, 20, 30])) / sum(weights)
+    # Queries 0 and 1 see only exact keys (sink and self): plain softmax.
+    expected_1 = (math.exp(2.0) * 10 + math.exp(-2.0) * 20) / (math.exp(2.0) + math.exp(-2.0))
+    torch.testing.assert_close(out, torch.tensor([10.0, expected_1, expected_2, expected_3], dtype=torch.float64))
+
+
+def test_large_logits_stay_finite_in_float32():
+    # Logits in the hundreds, both signs: exp over- or underflows in float32 without the shared offset.
+    q, k, v = qkv(16, 2, 2, 8)
+    q, k, v = 20 * q.float(), 20 * k.float(), v.float()
+    out = naive_hybrid_sata_attention(q, k, v, None, 3, 2, 4)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    expected = naive_hybrid_sata_attention(q.double(), k.double(), v.double(), None, 3, 2, 4)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
