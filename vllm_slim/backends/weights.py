@@ -68,7 +68,7 @@ def attention_weights(model: nn.Module, layer_name: str, attn: nn.Module) -> Att
             f"{layer_name}: qkv weight has {weight.shape[0]} rows, expected 3 x {heads} heads x "
             f"{head_size} (is the model tensor-parallel or quantized?)"
         )
-    k_rows, v_rows = _key_value_rows(heads, head_size, layout.per_head_interleaved)
+    k_rows, v_rows = key_value_rows(heads, head_size, layout.per_head_interleaved)
     return AttentionWeights(
         w_k=weight[k_rows].T,
         w_v=weight[v_rows].T,
@@ -78,7 +78,7 @@ def attention_weights(model: nn.Module, layer_name: str, attn: nn.Module) -> Att
     )
 
 
-def _key_value_rows(heads: int, head_size: int, per_head_interleaved: bool):
+def key_value_rows(heads: int, head_size: int, per_head_interleaved: bool):
     """Row indices of K and V (head-major) in the fused qkv weight."""
     rows = torch.arange(3 * heads * head_size)
     if per_head_interleaved:

@@ -1,0 +1,190 @@
+"""`vllm-slim inspect` on fixture models: the per-layer table against numbers computed here from the
+models' own modules (not from the checkpoint's tensor names), the layout slim's policy picks, and the
+reasons it gives where slim does not apply. Fast: no vLLM server."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from vllm_slim.backends.weights import QKV_LAYOUTS
+from vllm_slim.cli import main
+from vllm_slim.fixtures.models import ARCHS, build_model
+from vllm_slim.inspection import SLIM_ATTENTION_MODULES
+from vllm_slim.ops.slim.policy import SlimPolicy, choose_layout
+
+SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}
+HEAD_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """models(arch, **overrides) -> a float32 fixture model dir, built once per module."""
+    root, built = tmp_path_factory.mktemp("inspect-models"), {}
+
+    def get(arch, **overrides):
+        name = "-".join([arch, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+        if name not in built:
+            built[name] = build_model(arch, root / name, **SMALL, **overrides)
+        return built[name]
+
+    return get
+
+
+def inspect_output(capsys, model_dir, *args) -> str:
+    main(["inspect", str(model_dir), *args])
+    return capsys.readouterr().out
+
+
+def attention_projections(model) -> dict[str, tuple]:
+    """module name -> (w_k, w_v, k_bias, v_bias) in K = X·W_K form, read from the model's modules."""
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "k_proj") and hasattr(module, "v_proj"):
+            found[name] = (module.k_proj.weight.T, module.v_proj.weight.T, module.k_proj.bias, module.v_proj.bias)
+        elif hasattr(module, "c_attn"):  # GPT-2 Conv1D: [hidden, q | k | v]
+            w_q, w_k, w_v = module.c_attn.weight.chunk(3, dim=1)
+            b_q, b_k, b_v = module.c_attn.bias.chunk(3)
+            found[name] = (w_k, w_v, b_k, b_v)
+        elif hasattr(module, "query_key_value"):  # GPT-NeoX: rows per head [q k v]
+            heads = model.config.num_attention_heads
+            weight = module.query_key_value.weight.view(heads, 3, -1, model.config.hidden_size)
+            bias = module.query_key_value.bias.view(heads, 3, -1)
+            rows = lambda t, i: t[:, i].reshape(heads * t.shape[2], *t.shape[3:])  # noqa: E731
+            found[name] = (rows(weight, 1).T, rows(weight, 2).T, rows(bias, 1), rows(bias, 2))
+    return {name: tuple(None if t is None else t.detach() for t in ws) for name, ws in found.items()}
+
+
+def layer_rows(output: str, names) -> dict[str, list[str]]:
+    rows = {tokens[0]: tokens for tokens in map(str.split, output.splitlines()) if tokens and tokens[0] in names}
+    assert list(rows) == list(names), output
+    return rows
+
+
+def numbers(tokens: list[str]) -> list[float]:
+    """The numeric cells of a table row: cond(W_K), then one V error per dtype."""
+    values = []
+    for token in tokens[1:]:
+        try:
+            values.append(float(token))
+        except ValueError:
+            pass
+    return values
+
+
+def expected_layouts(projections, dtypes, head_size=HEAD_SIZE, num_heads=4):
+    """choose_layout as the backend calls it: weights in the model dtype, stock cache in the same dtype."""
+    layouts = {}
+    for dtype in dtypes:
+        weights = {
+            name: tuple(None if t is None else t.to(dtype) for t in ws) for name, ws in projections.items()
+        }
+        layouts[dtype], _ = choose_layout(weights, num_heads, head_size, dtype, dtype, False, SlimPolicy())
+    return layouts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mha_table_matches_the_policy_and_the_weights(models, capsys, arch):
+    model_dir = models(arch)
+    output = inspect_output(capsys, model_dir, "--dtype", "float32")
+    projections = attention_projections(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    rows = layer_rows(output, projections)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    layouts = expected_layouts(projections, dtypes)
+
+    assert "slim: applies" in output and "not applicable" not in output
+    for index, (name, (w_k, *_)) in enumerate(projections.items()):
+        assert rows[name][1] == "MHA"
+        cond, *errors = numbers(rows[name])
+        assert cond == pytest.approx(torch.linalg.cond(w_k.double()).item(), rel=1e-4)
+        assert errors == [pytest.approx(layouts[d].layers[index].error, rel=6e-3) for d in dtypes]
+    served = next(line for line in output.splitlines() if "(served)" in line)
+    assert served.split(None, 2)[2] == layouts[torch.float32].table().splitlines()[-1]
+    for dtype in (torch.bfloat16, torch.float16):
+        assert f"  {str(dtype)[6:]:<20} {layouts[dtype].table().splitlines()[-1]}" in output
+    assert f"capacity gain {layouts[torch.float32].capacity_gain:.3f}x" in output
+
+
+def test_bfloat16_checkpoint_is_inspected_as_served(capsys, trained_model):
+    """--dtype auto keeps a bfloat16 checkpoint's dtype, and the policy sees the weights as they are."""
+    output = inspect_output(capsys, trained_model)
+    projections = attention_projections(AutoModelForCausalLM.from_pretrained(trained_model, dtype=torch.float32))
+    rows = layer_rows(output, projections)
+    config = json.loads((trained_model / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    layouts = expected_layouts(projections, (torch.bfloat16,), config["hidden_size"] // heads, heads)
+
+    assert "dtype: bfloat16 (--dtype auto: the checkpoint's)" in output
+    for name, (w_k, *_) in projections.items():
+        assert numbers(rows[name])[0] == pytest.approx(torch.linalg.cond(w_k.double()).item(), rel=1e-4)
+    assert f"bfloat16 (served)    {layouts[torch.bfloat16].table().splitlines()[-1]}" in output
+
+
+@pytest.mark.parametrize("kv_heads, kind", [(2, "grouped-query"), (1, "multi-query")])
+def test_gqa_says_why_slim_does_not_apply_and_prints_sata(models, kv_heads, kind):
+    model_dir = models("llama", num_key_value_heads=kv_heads)
+    # The console entry point, as a user runs it: a readable table and exit status 0.
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_slim.cli", "inspect", str(model_dir), "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout
+    assert f"slim: not applicable ({kind} attention (4 query heads, {kv_heads} KV heads)" in output
+    projections = attention_projections(AutoModelForCausalLM.from_pretrained(model_dir))
+    rows = layer_rows(output, projections)
+    label = "MQA" if kv_heads == 1 else "GQA"
+    for name, (w_k, *_) in projections.items():
+        assert " ".join(rows[name][1:3]) == f"{label} 4q/{kv_heads}kv"
+        assert w_k.shape == (64, kv_heads * HEAD_SIZE)
+        assert numbers(rows[name])[0] == pytest.approx(torch.linalg.cond(w_k.double()).item(), rel=1e-4)
+        assert rows[name][-1] == "-"  # no slim error where slim does not apply
+
+    # SATA supports GQA: one float32 state [KV heads, m, d + 1] per layer, m = C(d + P − 1, P − 1).
+    for order in (1, 3, 5):
+        per_layer = kv_heads * 4 * math.comb(HEAD_SIZE + order - 1, order - 1) * (HEAD_SIZE + 1)
+        stock_per_token = kv_heads * 2 * HEAD_SIZE * 4  # K and V, float32
+        row = next(line for line in output.splitlines() if line.split()[:2] == [str(order), f"0..{order - 1}"])
+        assert f"{2 * per_layer:,} B" in row
+        assert f"{-(-per_layer // stock_per_token):,} token" in row
+
+
+def test_qk_norm_model_is_refused_with_the_reason(models, capsys):
+    model_dir = models("qwen3")
+    output = inspect_output(capsys, model_dir, "--dtype", "float32")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    projections = attention_projections(model)
+    rows = layer_rows(output, projections)
+    assert "slim: not applicable (QK-norm (k_norm, q_norm) normalises each key" in output
+    for name, (w_k, *_) in projections.items():
+        assert " ".join(rows[name][1:3]) == "MHA, QK-norm"
+        assert numbers(rows[name])[0] == pytest.approx(torch.linalg.cond(w_k.double()).item(), rel=1e-4)
+    assert "sata: a fixed-size float32 state per sequence" in output
+
+
+def test_unknown_layout_is_a_line_not_a_crash(tmp_path, capsys):
+    # Falcon's query_key_value is not GPT-NeoX's per-head interleaving: same name, other layout.
+    save_file({"transformer.h.0.self_attention.query_key_value.weight": torch.randn(192, 64)},
+              tmp_path / "model.safetensors")
+    config = {"architectures": ["FalconForCausalLM"], "model_type": "falcon", "hidden_size": 64,
+              "num_attention_heads": 4, "num_hidden_layers": 1, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    output = inspect_output(capsys, tmp_path)
+    assert "slim: not applicable (unknown attention layout: a fused query_key_value in a falcon model" in output
+    assert "sata: a fixed-size float32 state per sequence" in output
+
+
+def test_a_directory_without_a_model_exits_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_known_architectures_name_modules_the_backend_reads():
+    assert set(SLIM_ATTENTION_MODULES.values()) <= set(QKV_LAYOUTS)
