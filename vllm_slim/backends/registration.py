@@ -217,15 +217,16 @@ def _sata_memory_message(vllm_config, layer_specs: dict, available: int) -> str 
         for spec in layer_specs.values() if isinstance(spec, MambaSpec)
     ]
     needed = sum(heads * state_bytes(d, d_v, order) for heads, d, d_v in shapes)
-    if not shapes or needed <= available:
+    # vLLM's block pool keeps one block aside (its null block): the cache must hold two states.
+    if not shapes or 2 * needed <= available:
         return None
-    fitting = largest_fitting_order(shapes, available)
+    fitting = largest_fitting_order(shapes, available // 2)
     advice = (
         f"order {fitting} would fit: --additional-config '{{\"sata\": {{\"order\": {fitting}}}}}'"
         if fitting else "no order fits: give the cache more memory"
     )
     return (
         f"sata: one sequence's state at order {order} needs {needed / 2**30:.2f} GiB "
-        f"({len(shapes)} layers x {shapes[0][0]} KV heads of {head_size}), more than the "
-        f"{available / 2**30:.2f} GiB available for the cache; {advice}"
+        f"({len(shapes)} layers x {shapes[0][0]} KV heads of {head_size}); the cache has "
+        f"{available / 2**30:.2f} GiB and must hold two (vLLM keeps one block aside); {advice}"
     )

@@ -43,6 +43,7 @@ class SataAttentionBackend(DecoderAttentionBackend):
     # asks for the cache spec (shared notes, vllm-internals §3.2).
     policy: ClassVar[SataPolicy | None] = None
     max_model_len: ClassVar[int] = 0
+    num_layers: ClassVar[int] = 0  # built so far in this process: all of them once the cache is planned
 
     @staticmethod
     def get_name() -> str:
@@ -64,7 +65,8 @@ class SataAttentionBackend(DecoderAttentionBackend):
         m = feature_size(spec.head_size, cls.policy.order)
         head_size_v = getattr(spec, "head_size_v", spec.head_size)
         logger.info_once(
-            "sata: %s", state_report(spec.num_kv_heads, spec.head_size, head_size_v, spec.dtype, cls.policy.order)
+            "sata: %s",
+            state_report(cls.num_layers, spec.num_kv_heads, spec.head_size, head_size_v, spec.dtype, cls.policy.order),
         )
         return MambaSpec(
             # One block must cover a whole request: the block table holds a single column.
@@ -134,6 +136,7 @@ class SataAttentionImpl(AttentionImpl):
         self.policy = SataPolicy.from_config((vllm_config.additional_config or {}).get("sata", {}))
         SataAttentionBackend.policy = self.policy
         SataAttentionBackend.max_model_len = vllm_config.model_config.max_model_len
+        SataAttentionBackend.num_layers += 1
 
     def forward(
         self,

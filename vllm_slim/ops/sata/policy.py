@@ -41,12 +41,15 @@ def break_even_tokens(num_kv_heads: int, head_size: int, head_size_v: int, dtype
     return -(-num_kv_heads * state_bytes(head_size, head_size_v, order) // per_token)
 
 
-def state_report(num_kv_heads: int, head_size: int, head_size_v: int, dtype: torch.dtype, order: int) -> str:
-    """One log line: the state per layer and sequence, and the stock cache's break-even length."""
-    per_layer = num_kv_heads * state_bytes(head_size, head_size_v, order)
+def state_report(
+    num_layers: int, num_kv_heads: int, head_size: int, head_size_v: int, dtype: torch.dtype, order: int
+) -> str:
+    """One log line: the state per sequence, and the context length below which the stock cache is smaller."""
+    per_sequence = num_layers * num_kv_heads * state_bytes(head_size, head_size_v, order)
     return (
-        f"order {order} (degrees 0..{order - 1}), state {per_layer / 2**20:.2f} MiB per layer and sequence "
-        f"({num_kv_heads} KV heads x {head_size}); the stock {str(dtype).removeprefix('torch.')} KV cache is smaller below "
+        f"order {order} (degrees 0..{order - 1}): state {per_sequence / 2**20:.2f} MiB ({per_sequence:,} B) "
+        f"per sequence ({num_layers} layers x {num_kv_heads} KV heads of {head_size}); the stock "
+        f"{str(dtype).removeprefix('torch.')} KV cache of a sequence is smaller below "
         f"{break_even_tokens(num_kv_heads, head_size, head_size_v, dtype, order):,} tokens of context"
     )
 
