@@ -31,9 +31,9 @@ from vllm_slim.fixtures.sata_reference import load_reference
 from vllm_slim.fixtures.tokenizer import read_source, stdlib_sources
 from vllm_slim.fixtures.train import SHAPE, token_windows
 from vllm_slim.ops.sata import naive_hybrid_sata_attention, naive_softmax_attention, truncated_exp
-from vllm_slim.ops.sata.basis import is_positive_order, state_bytes
+from vllm_slim.ops.sata.basis import is_positive_order
 from vllm_slim.ops.sata.hybrid import hybrid_weights
-from vllm_slim.ops.sata.policy import break_even_tokens, stock_bytes_per_token
+from vllm_slim.ops.sata.policy import break_even_tokens, sequence_state_bytes, stock_bytes_per_token
 
 FIXTURE_DIR = Path(__file__).resolve().parents[1] / "vllm_slim" / "fixtures" / "trained" / "tiny-llama-pysrc"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -296,7 +296,7 @@ def state_table() -> tuple[list[str], list[list[str]]]:
     for order in range(1, 6):
         row = [str(order), "yes" if is_positive_order(order) else "no"]
         for layers, heads, head_size in shapes.values():
-            row.append(human_bytes(layers * heads * state_bytes(head_size, head_size, order)))
+            row.append(human_bytes(sequence_state_bytes([(heads, head_size, head_size)] * layers, order)))
             row.append(f"{break_even_tokens(heads, head_size, head_size, torch.bfloat16, order):,}")
         rows.append(row)
     return header, rows

@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 
 from vllm_slim.backends.weights import QK_NORM_NAMES, QKV_LAYOUTS, key_value_rows
-from vllm_slim.ops.sata import is_positive_order, state_bytes
-from vllm_slim.ops.sata.policy import SataPolicy, break_even_tokens, stock_bytes_per_token
+from vllm_slim.ops.sata import is_positive_order
+from vllm_slim.ops.sata.policy import SataPolicy, break_even_tokens, sequence_state_bytes, stock_bytes_per_token
 from vllm_slim.ops.slim import SlimNotApplicable
 from vllm_slim.ops.slim.policy import SlimLayout, SlimPolicy, choose_layout
 
@@ -312,7 +312,7 @@ def inspect_model(
     sata_rows = [
         SataRow(
             order,
-            shape.num_layers * shape.num_kv_heads * state_bytes(shape.head_size, shape.head_size, order),
+            sequence_state_bytes([(shape.num_kv_heads, shape.head_size, shape.head_size)] * shape.num_layers, order),
             break_even_tokens(shape.num_kv_heads, shape.head_size, shape.head_size, model_dtype, order),
         )
         for order in SATA_ORDERS

@@ -206,8 +206,7 @@ def _sata_memory_message(vllm_config, layer_specs: dict, available: int) -> str 
     """What one sequence's state needs against what the cache has, and the largest order that fits."""
     from vllm.v1.kv_cache_interface import MambaSpec
 
-    from vllm_slim.ops.sata import state_bytes
-    from vllm_slim.ops.sata.policy import SataPolicy, largest_fitting_order
+    from vllm_slim.ops.sata.policy import SataPolicy, largest_fitting_order, sequence_state_bytes
 
     order = SataPolicy.from_config((vllm_config.additional_config or {}).get("sata", {})).order
     head_size = vllm_config.model_config.get_head_size()
@@ -216,7 +215,7 @@ def _sata_memory_message(vllm_config, layer_specs: dict, available: int) -> str 
         (spec.shapes[0][0], head_size, spec.shapes[0][2] - 1)
         for spec in layer_specs.values() if isinstance(spec, MambaSpec)
     ]
-    needed = sum(heads * state_bytes(d, d_v, order) for heads, d, d_v in shapes)
+    needed = sequence_state_bytes(shapes, order)
     # vLLM's block pool keeps one block aside (its null block): the cache must hold two states.
     if not shapes or 2 * needed <= available:
         return None

@@ -86,6 +86,7 @@ class SataAttentionMetadata:
 
 
 class SataAttentionMetadataBuilder(AttentionMetadataBuilder[SataAttentionMetadata]):
+    # The base declares __init__ abstract: every builder must define one.
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 

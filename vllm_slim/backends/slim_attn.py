@@ -88,6 +88,7 @@ class SlimAttentionMetadata:
 
 
 class SlimAttentionMetadataBuilder(AttentionMetadataBuilder[SlimAttentionMetadata]):
+    # The base declares __init__ abstract: every builder must define one.
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 

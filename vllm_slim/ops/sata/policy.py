@@ -30,6 +30,11 @@ class SataPolicy:
         return policy
 
 
+def sequence_state_bytes(layer_shapes: list[tuple[int, int, int]], order: int) -> int:
+    """One sequence's state, in bytes, over layers of (KV heads, d, d_v)."""
+    return sum(heads * state_bytes(d, d_v, order) for heads, d, d_v in layer_shapes)
+
+
 def stock_bytes_per_token(num_kv_heads: int, head_size: int, head_size_v: int, dtype: torch.dtype) -> int:
     """What the stock paged cache stores per token and layer: K and V of every KV head."""
     return num_kv_heads * (head_size + head_size_v) * dtype.itemsize
@@ -45,7 +50,7 @@ def state_report(
     num_layers: int, num_kv_heads: int, head_size: int, head_size_v: int, dtype: torch.dtype, order: int
 ) -> str:
     """One log line: the state per sequence, and the context length below which the stock cache is smaller."""
-    per_sequence = num_layers * num_kv_heads * state_bytes(head_size, head_size_v, order)
+    per_sequence = sequence_state_bytes([(num_kv_heads, head_size, head_size_v)] * num_layers, order)
     return (
         f"order {order} (degrees 0..{order - 1}): state {per_sequence / 2**20:.2f} MiB ({per_sequence:,} B) "
         f"per sequence ({num_layers} layers x {num_kv_heads} KV heads of {head_size}); the stock "
@@ -58,8 +63,7 @@ def largest_fitting_order(layer_shapes: list[tuple[int, int, int]], available_by
     """The largest positive (odd) order whose per-sequence state, over layers of (KV heads, d, d_v), fits."""
     fitting = None
     for order in range(1, 64, 2):
-        needed = sum(heads * state_bytes(d, d_v, order) for heads, d, d_v in layer_shapes)
-        if needed > available_bytes:
+        if sequence_state_bytes(layer_shapes, order) > available_bytes:
             return fitting
         fitting = order
     return fitting
