@@ -12,23 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vllm_slim.metrics.gauges import GAUGES
+
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vllm-slim.json"
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.cpu.yml")
 DOCKERFILES = {"Dockerfile": ["vllm", "serve"], "Dockerfile.cpu": ["vllm-slim", "serve"]}
 DATASOURCE = "${datasource}"
-# The gauges vllm-slim exports next to vLLM's own series (issue 4).
-SLIM_METRICS = {
-    "vllm_slim_kv_cache_bytes_per_token",
-    "vllm_slim_stock_kv_cache_bytes_per_token",
-    "vllm_slim_kv_cache_capacity_tokens",
-    "vllm_slim_stock_kv_cache_capacity_tokens",
-    "vllm_slim_kv_cache_saved_bytes",
-    "vllm_slim_sata_state_bytes_per_sequence",
-    "vllm_slim_sata_state_bytes",
-    "vllm_slim_sata_equivalent_kv_bytes",
-}
 # What prometheus_client exports for each metric type.
 SAMPLE_SUFFIXES = {"gauge": ("",), "counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
 # Where the Dockerfiles put the repository; paths under it must exist in the repository.
@@ -102,7 +93,7 @@ def test_model_name_variable_filters_every_query(dashboard):
 
 
 def test_queries_name_only_series_the_server_exports(dashboard):
-    exported = exported_vllm_series() | SLIM_METRICS
+    exported = exported_vllm_series() | set(GAUGES)
     unknown = {
         f"{panel['title']}: {name}"
         for panel in all_panels(dashboard)
@@ -138,7 +129,7 @@ def test_every_query_is_valid_promql(dashboard, tmp_path):
 def test_dashboard_has_the_panels_operators_need(dashboard):
     exprs = [target["expr"] for panel in all_panels(dashboard) for target in panel.get("targets", [])]
     used = {name for expr in exprs for name in metric_names(expr)}
-    assert SLIM_METRICS <= used, sorted(SLIM_METRICS - used)
+    assert set(GAUGES) <= used, sorted(set(GAUGES) - used)  # every gauge we export has a panel
     assert {
         "vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting",
         "vllm:generation_tokens_total", "vllm:num_preemptions_total",

@@ -9,7 +9,8 @@ registering the enum member (see shared notes, vllm-internals §4-5):
   and validated there the way the CUDA platform does it;
 - W_KV needs the qkv weights, which the CPU platform deletes before the
   attention impl's own post-load hook: a wrapper around the loader's
-  `process_weights_after_loading` binds every slim layer first.
+  `process_weights_after_loading` binds every slim layer first (and, once the
+  weights are done, reports the cache layout for /metrics, `vllm_slim.metrics`).
 For sata, two more: prefix caching is turned off (a fixed-size state cannot be
 shared or rewound to a prefix), and the engine's "not enough KV cache memory"
 error is restated as what one sequence's state needs and which order would fit.
@@ -99,8 +100,16 @@ def _bind_weights_after_loading() -> None:
         return
 
     def process_weights_after_loading(model, model_config, target_device):
+        from vllm.config import get_current_vllm_config
+
+        from vllm_slim.metrics.worker import publish_cache_report
+
         bind_slim_layers(model)
-        return stock_hook(model, model_config, target_device)
+        stock_hook(model, model_config, target_device)
+        try:
+            publish_cache_report(model, get_current_vllm_config())
+        except Exception:  # the gauges are for operators: serving goes on without them
+            logger.exception("vllm-slim: could not report the cache layout; no vllm_slim_* gauges on /metrics")
 
     process_weights_after_loading._slim_wrapped = True
     base_loader.process_weights_after_loading = process_weights_after_loading

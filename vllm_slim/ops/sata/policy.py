@@ -29,6 +29,9 @@ class SataPolicy:
             )
         return policy
 
+    def describe(self) -> str:
+        return f"order {self.order} (degrees 0..{self.order - 1}), float32 state"
+
 
 def sequence_state_bytes(layer_shapes: list[tuple[int, int, int]], order: int) -> int:
     """One sequence's state, in bytes, over layers of (KV heads, d, d_v)."""

@@ -130,14 +130,18 @@ class SlimLayout:
                 f"{layer.name:<36} {layer.cond:>10.3g} {layer.error_naive:>12.2e}"
                 f" {layer.error:>11.2e} {layer.error / self.stock_error:>8.2f}"
             )
-        dtype = str(self.store_dtype).removeprefix("torch.")
         lines.append(
-            f"layout: K in {dtype}{' (refined from K and V)' if self.refine else ''}, spill"
-            f" {self.spill_per_head}/head -> capacity {self.capacity_gain:.3f}x stock; stock V err"
+            f"layout: {self.describe()} -> capacity {self.capacity_gain:.3f}x stock; stock V err"
             f" {self.stock_error:.2e}, budget {self.error_budget:.2e}:"
             f" {'met' if self.within_budget else 'EXCEEDED'}"
         )
         return "\n".join(lines)
+
+    def describe(self) -> str:
+        """What each cached row holds, e.g. `K in float16 (refined from K and V), spill 2/head`."""
+        dtype = str(self.store_dtype).removeprefix("torch.")
+        refined = " (refined from K and V)" if self.refine else ""
+        return f"K in {dtype}{refined}, spill {self.spill_per_head}/head"
 
 
 def choose_layout(
