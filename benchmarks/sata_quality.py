@@ -30,7 +30,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from vllm_slim.fixtures.sata_reference import load_reference
 from vllm_slim.fixtures.tokenizer import read_source, stdlib_sources
 from vllm_slim.fixtures.train import SHAPE, token_windows
-from vllm_slim.ops.sata import naive_hybrid_sata_attention, naive_softmax_attention, truncated_exp
+from vllm_slim.ops.sata import naive_softmax_attention, truncated_exp
 from vllm_slim.ops.sata.basis import is_positive_order
 from vllm_slim.ops.sata.hybrid import hybrid_weights
 from vllm_slim.ops.sata.policy import break_even_tokens, sequence_state_bytes, stock_bytes_per_token
@@ -80,25 +80,8 @@ NEEDLE_COLUMNS = ("softmax", "no needle", *(m.name for m in APPROXIMATE_MODES))
 COLORS = {name: f"C{i}" for i, name in enumerate(NEEDLE_COLUMNS)}  # one color per mode in every plot
 
 
-def hybrid_attention(mode: Mode):
-    """A transformers attention function running `naive_hybrid_sata_attention` (as sata_reference does SATA)."""
-
-    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        outputs = [
-            naive_hybrid_sata_attention(q, k, v, scaling, mode.order, mode.sink_tokens, mode.window)
-            for q, k, v in zip(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-        ]
-        return torch.stack(outputs), None
-
-    return attend
-
-
 def load(model_dir: Path, mode: Mode):
-    if not mode.hybrid:
-        return load_reference(model_dir, mode.order)
-    name = f"sata_quality_hybrid_{mode.order}_{mode.sink_tokens}_{mode.window}"
-    AttentionInterface.register(name, hybrid_attention(mode))
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=name).eval()
+    return load_reference(model_dir, mode.order, sink_tokens=mode.sink_tokens, window=mode.window)
 
 
 class Progress:

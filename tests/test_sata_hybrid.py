@@ -1,11 +1,19 @@
-"""Hybrid reference (exact sink and window keys, truncated series for older ones): its limits and a hand case."""
+"""Hybrid (exact sink and window keys, truncated series for older ones): the reference's limits and a hand
+case, and the served chunk form against the reference."""
 
 import math
 
 import pytest
 import torch
 
-from vllm_slim.ops.sata import naive_hybrid_sata_attention, naive_sata_attention, naive_softmax_attention
+from vllm_slim.ops.sata import (
+    chunk_hybrid_sata_attention,
+    feature_map,
+    naive_hybrid_sata_attention,
+    naive_sata_attention,
+    naive_softmax_attention,
+)
+from vllm_slim.ops.sata.hybrid import slot_positions
 
 
 def qkv(tokens, heads, kv_heads, head_size, std=1.0, seed=0):
@@ -70,3 +78,60 @@ def test_large_logits_stay_finite_in_float32():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     expected = naive_hybrid_sata_attention(q.double(), k.double(), v.double(), None, 3, 2, 4)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- the served form: chunk_hybrid_sata_attention over its fixed-size state ----
+
+
+def split_run(q, k, v, splits, **options):
+    """The chunk form over `q, k, v` fed in calls of the given lengths, the state carried between them."""
+    outs, state, seen = [], None, 0
+    for length in splits:
+        part = slice(seen, seen + length)
+        out, state = chunk_hybrid_sata_attention(q[part], k[part], v[part], state, seen, **options)
+        outs.append(out)
+        seen += length
+    return torch.cat(outs), state
+
+
+@pytest.mark.parametrize("sink_tokens,window", [(0, 1), (4, 8), (2, 16), (4, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_size", [(4, 4, 8), (4, 2, 16), (2, 1, 64)])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_chunk_form_equals_the_reference_across_calls(sink_tokens, window, heads, kv_heads, head_size, chunk_size):
+    q, k, v = (x.float() for x in qkv(150, heads, kv_heads, head_size, std=1.5, seed=head_size + window))
+    options = dict(scale=None, order=3, sink_tokens=sink_tokens, window=window)
+    reference = naive_hybrid_sata_attention(q.double(), k.double(), v.double(), **options)
+    for splits in ([150], [1, 36, 1, 1, 111], [70, 80]):  # ragged prefill chunks and single-token decode
+        out, _ = split_run(q, k, v, splits, chunk_size=chunk_size, **options)
+        torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_form_holds_large_logits_on_one_scale():
+    # logits of several tens: exp(x) alone would be 1e17 and more; the shared offset keeps both parts finite
+    q, k, v = (x.float() for x in qkv(80, 2, 2, 16, std=3.0, seed=5))
+    options = dict(scale=None, order=3, sink_tokens=2, window=8)
+    out, _ = split_run(q, k, v, [30, 1, 49], **options)
+    reference = naive_hybrid_sata_attention(q.double(), k.double(), v.double(), **options)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.double(), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_state_holds_the_sinks_the_last_window_and_folds_the_rest():
+    q, k, v = (x.float() for x in qkv(50, 2, 2, 8, seed=3))
+    _, state = split_run(q, k, v, [23, 27], scale=None, order=3, sink_tokens=3, window=5, chunk_size=4)
+    positions = slot_positions(50, 3, 5)
+    assert positions.tolist() == [0, 1, 2, 48, 49, 45, 46, 47]  # position p ≥ 3 in slot 3 + (p − 3) mod 5
+    torch.testing.assert_close(state.keys, k[positions].transpose(0, 1))
+    torch.testing.assert_close(state.values, v[positions].transpose(0, 1))
+    # the series state is Σ φ(k) over positions 3..44, nothing else
+    phi = feature_map(k[3:45], 3, 8**-0.5)
+    torch.testing.assert_close(state.series.normalizer, phi.sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        state.series.numerator, torch.einsum("shm,shv->hmv", phi, v[3:45]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_chunk_form_refuses_an_empty_window():
+    q, k, v = (x.float() for x in qkv(4, 2, 2, 8))
+    with pytest.raises(ValueError, match="window of at least 1"):
+        chunk_hybrid_sata_attention(q, k, v, window=0)

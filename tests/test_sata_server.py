@@ -1,6 +1,7 @@
 """SATA through the real stock OpenAI server, checked against a transformers model running
 SATA's exact definition (`vllm_slim.fixtures.sata_reference`), in float32."""
 
+import json
 import math
 import re
 import threading
@@ -87,6 +88,32 @@ def _wait_until(condition, message: str, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, message
         time.sleep(0.2)
+
+
+@pytest.mark.server
+def test_hybrid_greedy_equals_reference(servers, models, prompts):
+    """Exact sink and window attention plus the series for older tokens, served from the fixed-size state:
+    the window (8) slides inside chunked prefill and during decode."""
+    model = models("llama", **SMALL)
+    sink_tokens, window = 2, 8
+    hybrid = {"sata": {"sink_tokens": sink_tokens, "window": window}}
+    server = servers.get(model, *MAIN, "--additional-config", json.dumps(hybrid))
+    floats = math.comb(16 + 2, 2) * (16 + 1) + (sink_tokens + window) * (16 + 16)  # series + exact K and V
+    assert "exact 2 sink + 8 recent tokens, float32 state: state" in server.log()
+    assert f"({2 * 4 * floats * 4:,} B) per sequence (2 layers x 4 KV heads of 16)" in server.log()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    reference = load_reference(model, order=3, sink_tokens=sink_tokens, window=window)
+    plain = load_reference(model, order=3)
+    got = server.greedy_tokens(list(prompts))
+    expected = [greedy_tokens(reference, tokenizer(prompt).input_ids, 32) for prompt in prompts]
+    assert got == expected
+    assert got != [greedy_tokens(plain, tokenizer(prompt).input_ids, 32) for prompt in prompts]
+
+
+@pytest.mark.server
+def test_sink_tokens_without_a_window_refused(models, refused_startup):
+    log = refused_startup(models("llama", **SMALL), *SATA, "--additional-config", '{"sata": {"sink_tokens": 4}}')
+    assert "sata sink_tokens needs a window" in log
 
 
 @pytest.mark.server

@@ -99,7 +99,7 @@ class InspectReport:
     slim_reasons: list[str]  # why slim does not apply; empty if it does
     slim_layouts: dict[torch.dtype, SlimLayout]  # per model dtype, the served one first; empty if slim does not apply
     sata_reasons: list[str]
-    sata_order: int  # the configured one
+    sata_policy: SataPolicy  # the configured one (the table's sizes include its hybrid window)
     sata_rows: list[SataRow]
 
 
@@ -309,17 +309,20 @@ def inspect_model(
         cond = numerics[model_dtype].cond if numerics else torch.linalg.cond(a.w_k.to(model_dtype).double()).item()
         layers.append(LayerReport(a.prefix, kind, cond, {d: n.error for d, n in numerics.items()}))
 
+    exact = sata_policy.exact_tokens  # the hybrid's exact keys and values, when configured
     sata_rows = [
         SataRow(
             order,
-            sequence_state_bytes([(shape.num_kv_heads, shape.head_size, shape.head_size)] * shape.num_layers, order),
-            break_even_tokens(shape.num_kv_heads, shape.head_size, shape.head_size, model_dtype, order),
+            sequence_state_bytes(
+                [(shape.num_kv_heads, shape.head_size, shape.head_size)] * shape.num_layers, order, exact
+            ),
+            break_even_tokens(shape.num_kv_heads, shape.head_size, shape.head_size, model_dtype, order, exact),
         )
         for order in SATA_ORDERS
     ]
     return InspectReport(
         model_dir, shape, model_dtype, dtype_note, cache_dtype, layers, slim_reasons, layouts,
-        sata_reasons, sata_policy.order, sata_rows,
+        sata_reasons, sata_policy, sata_rows,
     )
 
 
@@ -396,7 +399,7 @@ def format_report(report: InspectReport) -> str:
     lines.append(
         f"sata: a fixed-size float32 state per sequence ({shape.num_layers} layers x {shape.num_kv_heads} KV heads x "
         f"{shape.head_size}), against the stock {dtype_name(report.dtype)} KV cache's {stock_token:,} B per token; "
-        f"order {report.sata_order} is configured"
+        f"configured: {report.sata_policy.describe()}"
     )
     lines.append(f"  {'order':>5}  {'degrees':<8} {'state per sequence':>36} {'break-even context':>20}")
     for row in report.sata_rows:

@@ -217,18 +217,16 @@ def _sata_memory_message(vllm_config, layer_specs: dict, available: int) -> str 
 
     from vllm_slim.ops.sata.policy import SataPolicy, largest_fitting_order, sequence_state_bytes
 
-    order = SataPolicy.from_config((vllm_config.additional_config or {}).get("sata", {})).order
+    policy = SataPolicy.from_config((vllm_config.additional_config or {}).get("sata", {}))
+    order, exact = policy.order, policy.exact_tokens
     head_size = vllm_config.model_config.get_head_size()
-    # Each sata layer's state block is [KV heads, m, d_v + 1].
-    shapes = [
-        (spec.shapes[0][0], head_size, spec.shapes[0][2] - 1)
-        for spec in layer_specs.values() if isinstance(spec, MambaSpec)
-    ]
-    needed = sequence_state_bytes(shapes, order)
+    num_kv_heads = vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config)
+    shapes = [(num_kv_heads, head_size, head_size)] * sum(isinstance(s, MambaSpec) for s in layer_specs.values())
+    needed = sequence_state_bytes(shapes, order, exact)
     # vLLM's block pool keeps one block aside (its null block): the cache must hold two states.
     if not shapes or 2 * needed <= available:
         return None
-    fitting = largest_fitting_order(shapes, available // 2)
+    fitting = largest_fitting_order(shapes, available // 2, exact)
     advice = (
         f"order {fitting} would fit: --additional-config '{{\"sata\": {{\"order\": {fitting}}}}}'"
         if fitting else "no order fits: give the cache more memory"

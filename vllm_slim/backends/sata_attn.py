@@ -3,7 +3,9 @@
 Each layer keeps, per sequence and KV head, Σ φ(k)·[v, 1]ᵀ over the sequence's tokens, where φ is
 the symmetric Taylor feature map of `vllm_slim.ops.sata` (float32, [m, d_v + 1]). vLLM pages it
 through a Mamba-style spec: one state block per request, handed out by the engine's MambaManager.
-The order (number of Taylor terms) comes from `--additional-config '{"sata": {"order": P}}'`.
+The order (number of Taylor terms) comes from `--additional-config '{"sata": {"order": P}}'`; adding
+`"window": W` (and `"sink_tokens": S`) serves the hybrid: exact attention over the first S and the W most
+recent tokens, kept in the same fixed-size state, and the series for everything older.
 """
 
 from dataclasses import dataclass
@@ -23,10 +25,13 @@ from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
 from vllm_slim.backends.common import DecoderAttentionBackend, unsupported_features
 from vllm_slim.ops.sata import (
+    HybridSataState,
     SataState,
+    chunk_hybrid_sata_attention,
     chunk_sata_attention,
     feature_size,
     recurrent_sata_attention,
+    state_size,
 )
 from vllm_slim.ops.sata.policy import SataNotApplicable, SataPolicy, state_report
 
@@ -59,19 +64,20 @@ class SataAttentionBackend(DecoderAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> MambaSpec:
-        """One float32 state block per request, [KV heads, m, d_v + 1]: Σ φ(k)vᵀ beside Σ φ(k)."""
+        """One float32 state block per request, per KV head: Σ φ(k)vᵀ beside Σ φ(k) ([m, d_v + 1]), then
+        the hybrid's exact keys and values ([S + W, d] and [S + W, d_v]; none without a window)."""
         if cls.policy is None:
             raise RuntimeError("sata: KV cache spec requested before the attention layers were built")
-        m = feature_size(spec.head_size, cls.policy.order)
         head_size_v = getattr(spec, "head_size_v", spec.head_size)
         logger.info_once(
             "sata: %s",
-            state_report(cls.num_layers, spec.num_kv_heads, spec.head_size, head_size_v, spec.dtype, cls.policy.order),
+            state_report(cls.num_layers, spec.num_kv_heads, spec.head_size, head_size_v, spec.dtype, cls.policy),
         )
+        floats = state_size(spec.head_size, head_size_v, cls.policy.order, cls.policy.exact_tokens)
         return MambaSpec(
             # One block must cover a whole request: the block table holds a single column.
             block_size=cls.max_model_len,
-            shapes=((spec.num_kv_heads, m, head_size_v + 1),),
+            shapes=((spec.num_kv_heads, floats),),
             dtypes=(torch.float32,),
             mamba_cache_mode="none",
         )
@@ -159,25 +165,41 @@ class SataAttentionImpl(AttentionImpl):
         query = query[:n].view(n, self.num_heads, self.head_size)
         key = key[:n].view(n, self.num_kv_heads, self.head_size)
         value = value[:n].view(n, self.num_kv_heads, -1)
-        states = self._state_views(kv_cache, value.shape[-1])
+        pages = kv_cache.view(kv_cache.shape[0], -1).view(torch.float32)  # raw int8 pages as float32
         qsl = attn_metadata.query_start_loc
         for i, block in enumerate(attn_metadata.state_indices.tolist()):
             tokens = slice(qsl[i], qsl[i + 1])
-            state = states[block]
-            if attn_metadata.context_lens[i] == 0:
+            series, keys, values = self._state_views(pages[block], value.shape[-1])
+            seen = attn_metadata.context_lens[i]
+            if seen == 0:
                 # A new request, or one preempted and recomputed: its block may hold another's state.
-                state.zero_()
-            carried = SataState(state[..., :-1], state[..., -1])
-            form = recurrent_sata_attention if qsl[i + 1] - qsl[i] == 1 else chunk_sata_attention
-            out, new = form(query[tokens], key[tokens], value[tokens], carried, self.scale, self.policy.order)
-            state[..., :-1] = new.numerator
-            state[..., -1] = new.normalizer
+                pages[block].zero_()
+            carried = SataState(series[..., :-1], series[..., -1])
+            q, k, v = query[tokens], key[tokens], value[tokens]
+            if self.policy.window:
+                out, new = chunk_hybrid_sata_attention(
+                    q, k, v, HybridSataState(carried, keys, values), seen, self.scale, self.policy.order,
+                    self.policy.sink_tokens, self.policy.window,
+                )
+                keys.copy_(new.keys)
+                values.copy_(new.values)
+                new = new.series
+            else:
+                form = recurrent_sata_attention if q.shape[0] == 1 else chunk_sata_attention
+                out, new = form(q, k, v, carried, self.scale, self.policy.order)
+            series[..., :-1] = new.numerator
+            series[..., -1] = new.normalizer
             output[tokens] = out.to(output.dtype)
         return output
 
-    def _state_views(self, kv_cache: torch.Tensor, head_size_v: int) -> torch.Tensor:
-        """The raw int8 pages [blocks, ...] as float32 states [blocks, KV heads, m, d_v + 1]."""
-        m = feature_size(self.head_size, self.policy.order)
-        return kv_cache.view(kv_cache.shape[0], -1).view(torch.float32).view(
-            kv_cache.shape[0], self.num_kv_heads, m, head_size_v + 1
+    def _state_views(self, page: torch.Tensor, head_size_v: int) -> tuple[torch.Tensor, ...]:
+        """One request's float32 page as its series state [KV heads, m, d_v + 1] and the hybrid's exact
+        keys [KV heads, S + W, d] and values [KV heads, S + W, d_v] (empty without a window)."""
+        m, exact = feature_size(self.head_size, self.policy.order), self.policy.exact_tokens
+        per_head = page.view(self.num_kv_heads, -1)
+        series, keys, values = per_head.split((m * (head_size_v + 1), exact * self.head_size, exact * head_size_v), -1)
+        return (
+            series.view(self.num_kv_heads, m, head_size_v + 1),
+            keys.view(self.num_kv_heads, exact, self.head_size),
+            values.view(self.num_kv_heads, exact, head_size_v),
         )

@@ -5,7 +5,8 @@ basis     — index tables, multinomial weights, feature map φ, sizes, and the 
 naive     — reference: quadratic truncated-series attention, and exact softmax beside it
 chunk     — prefill: quadratic inside each chunk, carried state between chunks
 recurrent — decode: per token, fold k and v into the state, then read it with q
-hybrid    — reference beyond the paper: exact weights for sink and recent keys, the series for older ones
+hybrid    — beyond the paper: exact weights for sink and recent keys, the series for older ones (reference
+            and the served chunk form over sinks, a window ring and the series state)
 """
 
 from vllm_slim.ops.sata.basis import (
@@ -23,12 +24,18 @@ from vllm_slim.ops.sata.basis import (
     truncated_exp,
 )
 from vllm_slim.ops.sata.chunk import chunk_sata_attention
-from vllm_slim.ops.sata.hybrid import naive_hybrid_sata_attention
+from vllm_slim.ops.sata.hybrid import (
+    HybridSataState,
+    chunk_hybrid_sata_attention,
+    initial_hybrid_state,
+    naive_hybrid_sata_attention,
+)
 from vllm_slim.ops.sata.naive import naive_sata_attention, naive_softmax_attention
 from vllm_slim.ops.sata.recurrent import recurrent_sata_attention
 
 __all__ = [
-    "DEFAULT_ORDER", "SataState", "basis_indices", "basis_size", "chunk_sata_attention", "feature_map",
+    "DEFAULT_ORDER", "HybridSataState", "SataState", "basis_indices", "basis_size", "chunk_hybrid_sata_attention",
+    "chunk_sata_attention", "feature_map", "initial_hybrid_state",
     "feature_size", "initial_state", "is_positive_order", "multinomial_weights", "naive_hybrid_sata_attention",
     "naive_sata_attention", "naive_softmax_attention", "recurrent_sata_attention", "state_bytes", "state_size",
     "truncated_exp",

@@ -43,14 +43,14 @@ def feature_size(head_size: int, order: int) -> int:
     return math.comb(head_size + order - 1, order - 1)
 
 
-def state_size(head_size: int, head_size_v: int, order: int) -> int:
-    """Floats per KV head: numerator m·d_v plus normalizer m."""
-    return feature_size(head_size, order) * (head_size_v + 1)
+def state_size(head_size: int, head_size_v: int, order: int, exact_tokens: int = 0) -> int:
+    """Floats per KV head: numerator m·d_v plus normalizer m, and the hybrid's exact keys and values."""
+    return feature_size(head_size, order) * (head_size_v + 1) + exact_tokens * (head_size + head_size_v)
 
 
-def state_bytes(head_size: int, head_size_v: int, order: int) -> int:
+def state_bytes(head_size: int, head_size_v: int, order: int, exact_tokens: int = 0) -> int:
     """Bytes per KV head; the state is float32."""
-    return 4 * state_size(head_size, head_size_v, order)
+    return 4 * state_size(head_size, head_size_v, order, exact_tokens)
 
 
 @functools.cache
