@@ -189,7 +189,8 @@ def test_sata_live_state_and_equivalent_cache_and_negative_savings(servers, trai
             assert state == per_sequence  # one sequence, one state, however long
             tokens = equivalent / stock
             assert tokens == int(tokens) and tokens <= SATA_REQUEST_TOKENS + 8
-            assert saved == equivalent - state
+            # /metrics can be read while one engine step's gauges are being set: a token or two apart
+            assert abs(saved - (equivalent - state)) <= 2 * stock, (saved, equivalent, state)
             held.append(tokens)
         time.sleep(0.1)
     finished(request, SATA_REQUEST_TOKENS)
