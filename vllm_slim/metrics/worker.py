@@ -6,6 +6,7 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
 from vllm_slim.metrics.report import CacheReport, LayerReport, publish
+from vllm_slim.ops.sata.policy import stock_bytes_per_token
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -32,7 +33,7 @@ def publish_cache_report(model: torch.nn.Module, vllm_config: VllmConfig) -> Non
         # sata's block is one sequence's state, max_model_len tokens long
         bytes_per_token=sum(spec.page_size_bytes / spec.block_size for spec in specs),
         stock_bytes_per_token=sum(
-            layer.num_kv_heads * (layer.head_size + layer.head_size_v) * layer.kv_cache_torch_dtype.itemsize
+            stock_bytes_per_token(layer.num_kv_heads, layer.head_size, layer.head_size_v, layer.kv_cache_torch_dtype)
             for layer in layers
         ),
         state_bytes_per_sequence=sum(spec.page_size_bytes for spec in specs) if name == "SATA" else None,

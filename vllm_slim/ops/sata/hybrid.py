@@ -24,18 +24,20 @@ from vllm_slim.ops.sata.basis import (
 )
 
 
-def exact_key_mask(tokens: int, sink_tokens: int, window: int, device=None) -> torch.Tensor:
-    """[T, T] bool, True where key s gets its exact weight for query t (only causal pairs s ≤ t)."""
-    position = torch.arange(tokens, device=device)
-    distance = position[:, None] - position[None, :]
-    return (distance >= 0) & ((position[None, :] < sink_tokens) | (distance < window))
+def key_masks(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, sink_tokens: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Tq, Tk] bool masks (causal, exact): key s counts for query t when 0 ≤ s ≤ t (position −1: no key),
+    and gets its exact weight when it also is a sink or one of the `window` most recent."""
+    distance = query_positions[:, None] - key_positions[None, :]
+    causal = (key_positions[None, :] >= 0) & (distance >= 0)
+    return causal, causal & ((key_positions[None, :] < sink_tokens) | (distance < window))
 
 
 def hybrid_weights(logits: torch.Tensor, order: int, sink_tokens: int, window: int) -> torch.Tensor:
     """Unnormalized causal weights [..., T, T] for logits [..., T, T] (query t, key s), each row on its own scale."""
-    tokens = logits.shape[-1]
-    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=logits.device).tril()
-    exact = exact_key_mask(tokens, sink_tokens, window, logits.device)
+    position = torch.arange(logits.shape[-1], device=logits.device)
+    causal, exact = key_masks(position, position, sink_tokens, window)
     series = truncated_exp(logits, order)
     # Each weight as sign·exp(log-magnitude), so one offset, the row's largest log-magnitude, scales both parts
     # without overflow or a 0/0 row in float32 (the series can be negative for even orders).
@@ -143,9 +145,7 @@ def chunk_hybrid_sata_attention(
         local_k = torch.cat((stored_k, k_c.transpose(0, 1)), 1)  # [Hkv, L, d]
         local_v = torch.cat((stored_v, v_c.transpose(0, 1)), 1)
         logits = torch.einsum("thgd,hsd->hgts", q_c, local_k) * scale
-        distance = query_pos[:, None] - key_pos[None, :]
-        causal = (key_pos[None, :] >= 0) & (distance >= 0)
-        exact = causal & ((key_pos[None, :] < sink_tokens) | (distance < window))
+        causal, exact = key_masks(query_pos, key_pos, sink_tokens, window)
         offset = logits.masked_fill(~exact, float("-inf")).amax(-1, keepdim=True)
         weights = torch.where(exact, (logits - offset).exp(), truncated_exp(logits, order) * (-offset).exp())
         weights = weights.masked_fill(~causal, 0.0)
