@@ -13,7 +13,7 @@ from vllm_slim.ops.sata import (
     naive_sata_attention,
     naive_softmax_attention,
 )
-from vllm_slim.ops.sata.hybrid import slot_positions
+from vllm_slim.ops.sata.chunk import slot_positions
 
 
 def qkv(tokens, heads, kv_heads, head_size, std=1.0, seed=0):
@@ -119,7 +119,7 @@ def test_chunk_form_holds_large_logits_on_one_scale():
 def test_state_holds_the_sinks_the_last_window_and_folds_the_rest():
     q, k, v = (x.float() for x in qkv(50, 2, 2, 8, seed=3))
     _, state = split_run(q, k, v, [23, 27], scale=None, order=3, sink_tokens=3, window=5, chunk_size=4)
-    positions = slot_positions(50, 3, 5)
+    positions = slot_positions(torch.tensor(50), 3, 5)
     assert positions.tolist() == [0, 1, 2, 48, 49, 45, 46, 47]  # position p ≥ 3 in slot 3 + (p − 3) mod 5
     torch.testing.assert_close(state.keys, k[positions].transpose(0, 1))
     torch.testing.assert_close(state.values, v[positions].transpose(0, 1))

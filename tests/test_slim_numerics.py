@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_slim.ops.slim import Rotary, cache_rows, parallel_slim_attention, rotate, solve_projection, unrope
-from vllm_slim.ops.slim.parallel import causal_mask
+from vllm_slim.ops.slim import Rotary, cache_rows, paged_prefill_slim_attention, rotate, solve_projection
 from vllm_slim.ops.slim.policy import SlimPolicy, choose_layout
 
 BOUND = 4.0  # slim's error may be at most this multiple of the stock cache's
@@ -22,6 +21,19 @@ HELD_OUT_TEXT = Path(sysconfig.get_paths()["stdlib"], "json", "decoder.py").read
 
 def relative_error(got, ref):
     return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+def slim_attention(q, rows, proj, rotary, scale, block_size=16):
+    """All of one sequence's queries over the rows slim cached for it (pages in order)."""
+    tokens, heads, width = rows.shape
+    pages = -(-tokens // block_size)
+    kv_cache = rows.new_zeros(pages * block_size, heads, width)
+    kv_cache[:tokens] = rows
+    kv_cache = kv_cache.view(pages, block_size, heads, width).transpose(1, 2)
+    return paged_prefill_slim_attention(
+        q, torch.tensor([0, tokens]), torch.tensor([tokens]), kv_cache, torch.arange(pages)[None], pages, tokens,
+        proj, rotary, scale,
+    )
 
 
 def layer_errors(layers, heads, rotary, model_dtype=torch.bfloat16):
@@ -41,24 +53,16 @@ def layer_errors(layers, heads, rotary, model_dtype=torch.bfloat16):
             q, k = rotate(q, positions, rotary), rotate(k, positions, rotary)
         scale = q.shape[-1] ** -0.5
         attend = lambda q_, k_, v_: F.scaled_dot_product_attention(  # noqa: E731
-            q_.transpose(0, 1), k_.transpose(0, 1), v_.transpose(0, 1),
-            attn_mask=causal_mask(tokens, tokens), scale=scale,
+            q_.transpose(0, 1), k_.transpose(0, 1), v_.transpose(0, 1), is_causal=True, scale=scale,
         ).transpose(0, 1)
         reference = attend(q, k, v)
         q16, k16, v16 = (t.to(model_dtype) for t in (q, k, v))  # what the model hands the cache
         stock = attend(q16.float(), k16.float(), v16.float())
 
-        proj = projections[i]
-        keys, spill = cache_rows(unrope(k16, positions, rotary), v16, proj)
-        if proj.refine is None:
-            keys = k16
-        elif rotary is not None:
-            keys = rotate(keys, positions, rotary)
-        slim = parallel_slim_attention(
-            q16, keys.to(layout.store_dtype), spill.to(layout.store_dtype), proj, rotary, scale
-        )
+        rows = cache_rows(k16, v16, positions, projections[i], rotary).to(layout.store_dtype)
+        slim = slim_attention(q16, rows, projections[i], rotary, scale)
         paper_proj = solve_projection(p["w_k"], p["w_v"], p["b_k"], p["b_v"], heads, 0)
-        paper = parallel_slim_attention(q16, k16, None, paper_proj, rotary, scale)
+        paper = slim_attention(q16, k16, paper_proj, rotary, scale)
         results.append(tuple(relative_error(o, reference) for o in (stock, slim, paper)))
     return results, layout
 

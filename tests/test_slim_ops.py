@@ -1,35 +1,39 @@
-"""Slim math (no vLLM): projection identity, and naive = parallel = decode."""
+"""Slim math (no vLLM): projection identity, the cache rows, and the batched paged forms against the
+per-sequence reference and against float64 softmax attention on V = X·W_V."""
+
+import math
 
 import pytest
 import torch
 
 from vllm_slim.ops.slim import (
     Rotary,
-    decode_slim_attention,
+    cache_rows,
     naive_slim_attention,
-    parallel_slim_attention,
+    paged_decode_slim_attention,
+    paged_prefill_slim_attention,
     rebuild_values,
     rotate,
     solve_projection,
-    cache_rows,
     unrope,
+    write_rows,
 )
+from vllm_slim.ops.slim.cache import NULL_BLOCK, binding_error
+from batches import rope_table
 
 
-def rope_table(max_pos: int, rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
-    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
-    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-
-
-def make_layer(heads, head_size, bias, spill, seed=0):
+def make_weights(heads, head_size, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
     d = heads * head_size
-    w_k = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
-    w_v = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
-    b_k = torch.randn(d, generator=g, dtype=torch.float64) if bias else None
-    b_v = torch.randn(d, generator=g, dtype=torch.float64) if bias else None
-    return w_k, w_v, b_k, b_v, solve_projection(w_k, w_v, b_k, b_v, heads, spill)
+    w = {n: torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 for n in "qkv"}
+    b = {n: (torch.randn(d, generator=g, dtype=torch.float64) if bias else torch.zeros(d, dtype=torch.float64)) for n in "qkv"}
+    return w, b
+
+
+def make_layer(heads, head_size, bias, spill, seed=0, refine=False):
+    w, b = make_weights(heads, head_size, bias, seed)
+    proj = solve_projection(w["k"], w["v"], b["k"] if bias else None, b["v"] if bias else None, heads, spill, refine)
+    return w["k"], w["v"], b["k"] if bias else None, b["v"] if bias else None, proj
 
 
 @pytest.mark.parametrize("spill", [0, 8])
@@ -41,7 +45,8 @@ def test_rebuilt_values_equal_projected_values(spill, bias):
     k = x @ w_k + (b_k if bias else 0)
     v = x @ w_v + (b_v if bias else 0)
     k3, v3 = k.view(tokens, heads, head_size), v.view(tokens, heads, head_size)
-    _, s = cache_rows(k3, v3, proj)
+    rows = cache_rows(k3, v3, torch.arange(tokens), proj, None)
+    s = rows[..., head_size:].flatten(1)
     if spill:  # the spill is X's coordinates along W_K's weakest directions
         u, _, _ = torch.linalg.svd(w_k)
         torch.testing.assert_close(s.double(), x @ u[:, -spill:], rtol=1e-3, atol=1e-3)
@@ -65,9 +70,9 @@ def test_spill_removes_amplified_rounding():
 
     def v_error(spill):
         proj = solve_projection(w_k, w_v, None, None, heads, spill)
-        _, s = cache_rows(k_bf16, v.bfloat16(), proj)
-        s = s.bfloat16()
-        return ((rebuild_values(k_bf16, s, proj).double() - v).norm() / v.norm()).item()
+        rows = cache_rows(k_bf16, v.bfloat16(), torch.arange(tokens), proj, None).bfloat16()
+        rebuilt = rebuild_values(rows[..., :head_size], rows[..., head_size:].flatten(1), proj)
+        return ((rebuilt.double() - v).norm() / v.norm()).item()
 
     stock = ((v.bfloat16().double() - v).norm() / v.norm()).item()
     assert v_error(0) > 100 * stock
@@ -85,29 +90,165 @@ def test_unrope_inverts_rope(neox):
     assert not torch.allclose(kr[1:], k[1:])
     torch.testing.assert_close(kr[..., 16:], k[..., 16:])  # partial rotary: tail untouched
     torch.testing.assert_close(unrope(kr, pos, rotary), k, rtol=1e-5, atol=1e-5)
+    # Any leading shape: positions [P, bs] against keys [B, P, bs, H, D].
+    paged = unrope(kr.view(1, 8, 8, 3, 32), pos.view(8, 8), rotary)
+    torch.testing.assert_close(paged.view(64, 3, 32), k, rtol=1e-5, atol=1e-5)
 
 
-FORMS = [parallel_slim_attention, decode_slim_attention]
+def write_sequences(rows_per_seq, block_size, seed=0, padding=3):
+    """A paged cache holding each sequence's rows at scattered blocks (never the null block), written
+    through `write_rows` with padding slots (-1) mixed in; returns (kv_cache, block_table)."""
+    g = torch.Generator().manual_seed(seed)
+    heads, width = rows_per_seq[0].shape[1:]
+    pages = [math.ceil(max(r.shape[0], 1) / block_size) for r in rows_per_seq]
+    num_blocks = sum(pages) + 3
+    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()  # block 0 is the null block
+    block_table = torch.zeros(len(rows_per_seq), max(pages) + 1, dtype=torch.int32)
+    kv_cache = torch.randn(num_blocks, heads, block_size, width, generator=g)
+    for i, n in enumerate(pages):
+        block_table[i, :n] = torch.tensor([order.pop() for _ in range(n)])
+    rows = torch.cat(rows_per_seq)
+    positions = torch.cat([torch.arange(r.shape[0]) for r in rows_per_seq])
+    owner = torch.cat([torch.full((r.shape[0],), i) for i, r in enumerate(rows_per_seq)])
+    slots = block_table[owner, positions // block_size].long() * block_size + positions % block_size
+    pad = torch.randperm(rows.shape[0] + padding, generator=g)[:padding]
+    keep = torch.ones(rows.shape[0] + padding, dtype=torch.bool)
+    keep[pad] = False
+    all_rows = torch.randn(rows.shape[0] + padding, heads, width, generator=g) * 1e3
+    all_slots = torch.full((rows.shape[0] + padding,), -1, dtype=torch.long)
+    all_rows[keep], all_slots[keep] = rows, slots
+    before = kv_cache.clone()
+    write_rows(kv_cache, all_rows, all_slots)
+    used = block_table[block_table > 0].long()
+    untouched = torch.ones(num_blocks, dtype=torch.bool)
+    untouched[used] = False
+    untouched[NULL_BLOCK] = False
+    assert torch.equal(kv_cache[untouched], before[untouched]), "a padding row landed outside the null block"
+    return kv_cache, block_table
 
 
-@pytest.mark.parametrize("form", FORMS, ids=lambda f: f.__name__)
-@pytest.mark.parametrize("q_len,ctx_len", [(1, 0), (1, 37), (5, 0), (7, 64), (40, 9)])
-@pytest.mark.parametrize("rope", ["none", "neox", "gptj_partial"])
-@pytest.mark.parametrize("spill,bias,with_v_new", [(0, False, False), (8, True, True), (4, True, False)])
-def test_forms_match_naive(form, q_len, ctx_len, rope, spill, bias, with_v_new):
+ROPES = {
+    "none": lambda d: None,
+    "neox": lambda d: Rotary(rope_table(512, d), d, True),
+    "gptj_partial": lambda d: Rotary(rope_table(512, d // 2), d // 2, False),
+}
+LAYERS = {  # spill, bias, refine
+    "plain": (0, False, False), "spill_bias": (8, True, False), "refined_spill": (4, True, True),
+}
+
+
+def sequence_case(heads, head_size, layer, rope, seq_lens, seed):
+    spill, bias, refine = LAYERS[layer]
+    w_k, w_v, b_k, b_v, proj = make_layer(heads, head_size, bias, spill, seed, refine)
+    rotary = ROPES[rope](head_size)
+    g = torch.Generator().manual_seed(seed + 1)
+    rows = []
+    for n in seq_lens:
+        x = torch.randn(n, heads * head_size, generator=g, dtype=torch.float64)
+        k = (x @ w_k + (0 if b_k is None else b_k)).view(n, heads, head_size)
+        v = (x @ w_v + (0 if b_v is None else b_v)).view(n, heads, head_size)
+        positions = torch.arange(n)
+        k = k if rotary is None else rotate(k, positions, Rotary(rotary.cos_sin.double(), rotary.rotary_dim, rotary.neox))
+        rows.append(cache_rows(k.float(), v.float(), positions, proj, rotary).float())
+    return proj, rotary, rows
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("block_size,split_pages", [(4, None), (16, None), (4, 1), (4, 3)])
+def test_paged_decode_matches_naive(rope, layer, block_size, split_pages):
     heads, head_size = 4, 16
-    _, w_v, _, _, proj = make_layer(heads, head_size, bias, spill, seed=q_len + ctx_len)
-    rotary = {
-        "none": None,
-        "neox": Rotary(rope_table(256, head_size), head_size, True),
-        "gptj_partial": Rotary(rope_table(256, 8), 8, False),
-    }[rope]
-    kv_len = ctx_len + q_len
-    g = torch.Generator().manual_seed(7)
-    q = torch.randn(q_len, heads, head_size, generator=g)
-    k = torch.randn(kv_len, heads, head_size, generator=g)
-    s = torch.randn(kv_len, spill, generator=g) if spill else None
-    v_new = torch.randn(q_len, heads, head_size, generator=g) if with_v_new else None
-    ref = naive_slim_attention(q, k, s, proj, rotary, 0.25, v_new)
-    got = form(q, k, s, proj, rotary, 0.25, v_new)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    seq_lens = [1, 5, 16, 17, 40, 64, 3]  # n = 1, page boundaries, ragged
+    proj, rotary, rows = sequence_case(heads, head_size, layer, rope, seq_lens, seed=block_size)
+    kv_cache, block_table = write_sequences(rows, block_size)
+    q = torch.randn(len(seq_lens), heads, head_size)
+    # A padded row (seq_len 0, the null block) rides along and must not disturb the others.
+    q_pad = torch.cat((q, torch.randn(1, heads, head_size)))
+    table = torch.cat((block_table, torch.zeros(1, block_table.shape[1], dtype=block_table.dtype)))
+    lens = torch.tensor([*seq_lens, 0])
+    num_pages = math.ceil(max(seq_lens) / block_size)
+    # split_pages: the working set a split at a time (one page; splits past some sequences' ends)
+    got = paged_decode_slim_attention(q_pad, kv_cache, table, lens, num_pages, proj, rotary, 0.25, split_pages)
+    assert torch.isfinite(got).all()
+    for i, n in enumerate(seq_lens):
+        ref = naive_slim_attention(q[i : i + 1], rows[i], proj, rotary, 0.25)
+        torch.testing.assert_close(got[i : i + 1], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_paged_prefill_matches_naive(rope, layer):
+    heads, head_size, block_size = 4, 16, 8
+    seq_lens = [7, 33, 16, 1, 24]
+    query_lens = [7, 5, 16, 1, 9]  # whole prompts, chunks after a cached prefix, n = 1
+    proj, rotary, rows = sequence_case(heads, head_size, layer, rope, seq_lens, seed=3)
+    kv_cache, block_table = write_sequences(rows, block_size)
+    q = torch.randn(sum(query_lens), heads, head_size)
+    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()])
+    num_pages = math.ceil(max(seq_lens) / block_size)
+    got = paged_prefill_slim_attention(
+        q, query_start_loc, torch.tensor(seq_lens), kv_cache, block_table, num_pages, 20, proj, rotary, 0.25
+    )
+    for i in range(len(seq_lens)):
+        span = slice(query_start_loc[i], query_start_loc[i + 1])
+        ref = naive_slim_attention(q[span], rows[i], proj, rotary, 0.25)
+        torch.testing.assert_close(got[span], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rope", ["neox", "gptj_partial"])
+def test_paged_forms_equal_float64_softmax_attention(rope):
+    """Independent of slim's maps: float64 causal softmax attention on V = X·W_V + b_V, K = rope(X·W_K + b_K)."""
+    heads, head_size, block_size = 4, 16, 8
+    d = heads * head_size
+    w, b = make_weights(heads, head_size, bias=True, seed=11)
+    rotary32 = ROPES[rope](head_size)
+    rotary64 = Rotary(rope_table(512, rotary32.rotary_dim, dtype=torch.float64), rotary32.rotary_dim, rotary32.neox)
+    proj = solve_projection(w["k"], w["v"], b["k"], b["v"], heads, 4)
+    seq_lens, query_lens = [30, 9, 1, 20], [1, 9, 1, 6]
+    g = torch.Generator().manual_seed(5)
+    rows, queries, references = [], [], []
+    for n, m in zip(seq_lens, query_lens):
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+        positions = torch.arange(n)
+        q, k, v = ((x @ w[c] + b[c]).view(n, heads, head_size) for c in "qkv")
+        q, k = rotate(q, positions, rotary64), rotate(k, positions, rotary64)
+        rows.append(cache_rows(k.float(), v.float(), positions, proj, rotary32).float())
+        scores = torch.einsum("qhd,khd->hqk", q[n - m :], k) * 0.25
+        causal = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]
+        references.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, -math.inf).softmax(-1), v))
+        queries.append(q[n - m :].float())
+    kv_cache, block_table = write_sequences(rows, block_size)
+    num_pages = math.ceil(max(seq_lens) / block_size)
+    decodes = [i for i, m in enumerate(query_lens) if m == 1]
+    got = paged_decode_slim_attention(
+        torch.cat([queries[i] for i in decodes]), kv_cache, block_table[decodes],
+        torch.tensor(seq_lens)[decodes], num_pages, proj, rotary32, 0.25,
+    )
+    for row, i in enumerate(decodes):
+        torch.testing.assert_close(got[row : row + 1].double(), references[i], rtol=1e-4, atol=1e-4)
+    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()])
+    got = paged_prefill_slim_attention(
+        torch.cat(queries), query_start_loc, torch.tensor(seq_lens), kv_cache, block_table, num_pages, 9,
+        proj, rotary32, 0.25,
+    )
+    torch.testing.assert_close(got.double(), torch.cat(references), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_binding_check_refuses_a_wrong_rope_pairing_or_table(model_dtype):
+    """The bind-time check: a right binding comes out near the layout's prediction; keys the model
+    rotates GPT-J style read back NeoX style, or with a table scaled like YaRN's (x1.045), do not."""
+    heads, head_size = 4, 16
+    w_k, w_v, b_k, b_v, proj = make_layer(heads, head_size, True, 8, refine=model_dtype == torch.bfloat16)
+    table = rope_table(2048, head_size)
+    positions = torch.cat((torch.arange(8), torch.linspace(0, 2047, 56, dtype=torch.float64).long()))
+    model_rotation = lambda keys, pos: rotate(keys, pos, Rotary(table, head_size, False))  # noqa: E731
+    store = torch.float16 if model_dtype == torch.bfloat16 else torch.float32
+
+    def error(rotary):
+        return binding_error(w_k, w_v, b_k, b_v, proj, rotary, model_rotation, model_dtype, store, positions)
+
+    right = error(Rotary(table, head_size, False))
+    assert right < (3e-3 if model_dtype == torch.bfloat16 else 1e-4)
+    assert error(Rotary(table, head_size, True)) > 100 * right  # pairing
+    assert error(Rotary(table * 1.045, head_size, False)) > 10 * right  # magnitude

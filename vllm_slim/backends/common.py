@@ -1,15 +1,18 @@
 """What the slim and sata backends share: decoder self-attention only, any block and head size,
-their own cache write inside forward(), and start-up errors that say what is unsupported and why."""
+a cache page that depends on the model they bind, and start-up errors that say what is unsupported
+and why."""
 
+from collections.abc import Callable
 from typing import ClassVar
 
+from torch import nn
+
 from vllm.config import VllmConfig
-from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleOf
+from vllm.v1.attention.backend import AttentionBackend, AttentionType, CommonAttentionMetadata, MultipleOf
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 
 
 class DecoderAttentionBackend(AttentionBackend):
-    # The cache (or state) update needs more than K and V at their slots: it happens in forward().
-    forward_includes_kv_cache_update: bool = True
 
     # Why the KV-cache dtypes this backend refuses are refused, and what sliding windows would need.
     kv_cache_dtype_reason: ClassVar[str] = ""
@@ -50,9 +53,26 @@ class DecoderAttentionBackend(AttentionBackend):
         return [specific.get(reason, reason) for reason in super().validate_configuration(**config)]
 
 
+def bind_cache_spec(layer: nn.Module, page: Callable[[AttentionSpec], KVCacheSpec]) -> None:
+    """Have `layer` hand both model runners `page(its stock spec)` as its cache spec. What our backends
+    page depends on the model (slim's layout, sata's state), which `customize_spec`, a class method
+    given only the spec, cannot see; per-model facts live on the layer, never on the class."""
+    stock = type(layer).get_kv_cache_spec.__get__(layer)
+    layer.get_kv_cache_spec = lambda vllm_config: page(stock(vllm_config))
+
+
+def host_max_seq_len(cam: CommonAttentionMetadata, first: int, end: int) -> int:
+    """The longest sequence of requests first..end−1 as the host knows it (an upper bound), 0 if none."""
+    if first >= end:
+        return 0
+    if cam.seq_lens_cpu_upper_bound is not None:
+        return int(cam.seq_lens_cpu_upper_bound[first:end].max())
+    return cam.max_seq_len
+
+
 def unsupported_features(
     alibi_slopes, logits_soft_cap, kv_sharing_target_layer_name, extra_impl_args, vllm_config: VllmConfig,
-    tensor_parallel_reason: str,
+    tensor_parallel_reason: str, speculative_reason: str,
 ) -> list[str]:
     """Attention features neither backend implements, as reasons naming the offending values."""
     reasons = []
@@ -67,4 +87,10 @@ def unsupported_features(
     tp = vllm_config.parallel_config.tensor_parallel_size
     if tp > 1:
         reasons.append(f"tensor parallel size {tp}: {tensor_parallel_reason}")
+    speculative = vllm_config.speculative_config
+    if speculative is not None:
+        method = getattr(speculative, "method", None) or "draft model"
+        reasons.append(
+            f"speculative decoding ({method}, {speculative.num_speculative_tokens} tokens): {speculative_reason}"
+        )
     return reasons

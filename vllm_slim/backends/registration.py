@@ -11,9 +11,12 @@ registering the enum member (see shared notes, vllm-internals §4-5):
   attention impl's own post-load hook: a wrapper around the loader's
   `process_weights_after_loading` binds every slim layer first (and, once the
   weights are done, reports the cache layout for /metrics, `vllm_slim.metrics`).
-For sata, two more: prefix caching is turned off (a fixed-size state cannot be
-shared or rewound to a prefix), and the engine's "not enough KV cache memory"
-error is restated as what one sequence's state needs and which order would fit.
+The same hook gives every layer of ours the cache spec its model needs (the layout
+is per model, never class state). For sata, three more: prefix caching is turned
+off (a fixed-size state cannot be shared or rewound to a prefix), so is FlashInfer's
+autotune (its warm-up gives state-paged layers no metadata), and the engine's
+"not enough KV cache memory" error is restated as what one sequence's state needs
+and which order would fit.
 """
 
 import torch
@@ -28,6 +31,11 @@ BACKENDS = {
 }
 
 _registered = False
+
+# The bind-time check passes a binding whose rebuilt values stay within this multiple of the
+# layout's predicted error, or under the floor (float32 layouts predict ~1e-7).
+BINDING_ERROR_RATIO = 4.0
+BINDING_ERROR_FLOOR = 1e-3
 
 
 def lookup_backend(name: str):
@@ -105,6 +113,7 @@ def _bind_weights_after_loading() -> None:
         from vllm_slim.metrics.worker import publish_cache_report
 
         bind_slim_layers(model)
+        bind_sata_layers(model)
         stock_hook(model, model_config, target_device)
         try:
             publish_cache_report(model, get_current_vllm_config())
@@ -115,21 +124,26 @@ def _bind_weights_after_loading() -> None:
     base_loader.process_weights_after_loading = process_weights_after_loading
 
 
-@torch.no_grad()
-def bind_slim_layers(model: torch.nn.Module) -> None:
-    """Choose the cache layout, solve W_KV for every slim layer, log the numerics."""
+def _layers_of(model: torch.nn.Module, impl_cls) -> dict[str, torch.nn.Module]:
     from vllm.model_executor.layers.attention import Attention
 
-    from vllm_slim.backends.slim_attn import SlimAttentionBackend, SlimAttentionImpl
-    from vllm_slim.backends.weights import attention_weights
-    from vllm_slim.ops.slim import SlimNotApplicable
-    from vllm_slim.ops.slim.policy import choose_layout
-
-    layers = {
+    return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, Attention) and isinstance(module.impl, SlimAttentionImpl)
+        if isinstance(module, Attention) and isinstance(module.impl, impl_cls)
     }
+
+
+@torch.no_grad()
+def bind_slim_layers(model: torch.nn.Module) -> None:
+    """Choose the cache layout, solve W_KV for every slim layer, check each binding, log the numerics."""
+    from vllm_slim.backends.slim_attn import SlimAttentionImpl
+    from vllm_slim.backends.weights import attention_weights
+    from vllm_slim.ops.slim import SlimNotApplicable
+    from vllm_slim.ops.slim.cache import binding_error
+    from vllm_slim.ops.slim.policy import choose_layout
+
+    layers = _layers_of(model, SlimAttentionImpl)
     if not layers:
         return
     weights = {name: attention_weights(model, name, attn) for name, attn in layers.items()}
@@ -158,9 +172,40 @@ def bind_slim_layers(model: torch.nn.Module) -> None:
         logger.warning(message)
     expected = {numerics.name: numerics.error for numerics in layout.layers}
     for name, attn in layers.items():
-        attn.impl.bind(name, projections[name], weights[name].rotary, expected[name])
-        logger.info("slim: layer %s runs SLIM", name)
-    SlimAttentionBackend.layout = layout
+        w, proj = weights[name], projections[name]
+        positions = check_positions(w.rotary, w.w_k.device)
+        error = binding_error(
+            w.w_k, w.w_v, w.k_bias, w.v_bias, proj, w.rotary, w.rotate_keys, impl.model_dtype,
+            layout.store_dtype, positions,
+        )
+        if error > max(BINDING_ERROR_RATIO * expected[name], BINDING_ERROR_FLOOR):
+            raise SlimNotApplicable(
+                f"slim: {name}: values rebuilt from the cache differ from the model's by {error:.2e} (relative) "
+                f"on synthetic inputs at positions up to {int(positions.max())}, where "
+                f"the layout predicts {expected[name]:.2e}: the K/V projections or the RoPE found for "
+                f"{type(model.get_submodule(name.rsplit('.', 1)[0])).__name__} are not the ones it computes with"
+            )
+        attn.impl.bind(attn, layout, proj, w.rotary)
+        logger.info("slim: layer %s runs SLIM (binding checked: V error %.2e)", name, error)
+
+
+def check_positions(rotary, device) -> torch.Tensor:
+    """Where the bind-time check places its tokens: the first few (position 0 is not rotated, so
+    it alone would pass any pairing) and spread over the whole RoPE table."""
+    end = rotary.cos_sin.shape[0] if rotary is not None else 64
+    return torch.cat((torch.arange(min(8, end)), torch.linspace(0, end - 1, 56, dtype=torch.float64).long())).to(device)
+
+
+def bind_sata_layers(model: torch.nn.Module) -> None:
+    """Page every sata layer as one state per request; log what that state costs."""
+    from vllm_slim.backends.sata_attn import SataAttentionImpl, log_state
+
+    layers = _layers_of(model, SataAttentionImpl)
+    device = next(model.parameters()).device
+    for attn in layers.values():
+        attn.impl.bind(attn, device)
+    if layers:
+        log_state(list(layers.values()))
 
 
 def _selects_sata(vllm_config) -> bool:
@@ -178,11 +223,22 @@ def _sata_prefix_caching_off() -> None:
 
     def check_and_update_config(cls, vllm_config) -> None:
         stock_check(cls, vllm_config)
-        if _selects_sata(vllm_config) and vllm_config.cache_config.enable_prefix_caching:
+        if not _selects_sata(vllm_config):
+            return
+        if vllm_config.cache_config.enable_prefix_caching:
             vllm_config.cache_config.enable_prefix_caching = False
             logger.info(
                 "sata: prefix caching turned off: a sequence keeps one fixed-size state, which "
                 "cannot be shared with another sequence or rewound to a common prefix"
+            )
+        kernel_config = getattr(vllm_config, "kernel_config", None)
+        if kernel_config is not None and kernel_config.enable_flashinfer_autotune:
+            # Its dummy run builds no metadata for Mamba-style groups, so sata's layers would find
+            # none (a KeyError in vLLM's attention op; v1/worker/gpu/model_runner.py, 0.33).
+            kernel_config.enable_flashinfer_autotune = False
+            logger.info(
+                "sata: FlashInfer autotune turned off: its warm-up run gives state-paged layers no "
+                "attention metadata; FlashInfer kernels run with their default configurations"
             )
 
     check_and_update_config._sata_wrapped = True

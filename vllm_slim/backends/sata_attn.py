@@ -6,6 +6,10 @@ through a Mamba-style spec: one state block per request, handed out by the engin
 The order (number of Taylor terms) comes from `--additional-config '{"sata": {"order": P}}'`; adding
 `"window": W` (and `"sink_tokens": S`) serves the hybrid: exact attention over the first S and the W most
 recent tokens, kept in the same fixed-size state, and the series for everything older.
+
+Per step the builder gathers each request's state block into a persistent index buffer and the
+tokens each state already holds (all on the device); `forward` runs one batched chunk form over
+every sequence of the step, prefills and decodes alike, reading and writing each state once.
 """
 
 from dataclasses import dataclass
@@ -16,6 +20,7 @@ import torch
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -23,32 +28,22 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
-from vllm_slim.backends.common import DecoderAttentionBackend, unsupported_features
-from vllm_slim.ops.sata import (
-    HybridSataState,
-    SataState,
-    chunk_hybrid_sata_attention,
-    chunk_sata_attention,
-    feature_size,
-    recurrent_sata_attention,
-    state_size,
-)
+from vllm_slim.backends.common import DecoderAttentionBackend, bind_cache_spec, unsupported_features
+from vllm_slim.ops.sata import chunk_sata_varlen, state_size
+from vllm_slim.ops.sata.basis import feature_tables
 from vllm_slim.ops.sata.policy import SataNotApplicable, SataPolicy, state_report
+from vllm_slim.ops.slim.cache import NULL_BLOCK
 
 logger = init_logger(f"vllm.{__name__}")
 
 
 class SataAttentionBackend(DecoderAttentionBackend):
+    # The state update needs the whole chunk's queries, keys and values: it happens in forward().
+    forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
     kv_cache_dtype_reason = "the SATA state is float32 whatever the cache dtype"
     sliding_window_reason = "a SATA state cannot forget the tokens that leave the window"
-
-    # Set by the impl during model construction: the worker has no current vLLM config when it
-    # asks for the cache spec (shared notes, vllm-internals §3.2).
-    policy: ClassVar[SataPolicy | None] = None
-    max_model_len: ClassVar[int] = 0
-    num_layers: ClassVar[int] = 0  # built so far in this process: all of them once the cache is planned
 
     @staticmethod
     def get_name() -> str:
@@ -63,38 +58,48 @@ class SataAttentionBackend(DecoderAttentionBackend):
         return SataAttentionMetadataBuilder
 
     @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> MambaSpec:
-        """One float32 state block per request, per KV head: Σ φ(k)vᵀ beside Σ φ(k) ([m, d_v + 1]), then
-        the hybrid's exact keys and values ([S + W, d] and [S + W, d_v]; none without a window)."""
-        if cls.policy is None:
-            raise RuntimeError("sata: KV cache spec requested before the attention layers were built")
-        head_size_v = getattr(spec, "head_size_v", spec.head_size)
-        logger.info_once(
-            "sata: %s",
-            state_report(cls.num_layers, spec.num_kv_heads, spec.head_size, head_size_v, spec.dtype, cls.policy),
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Never reached for a bound layer: it hands the runner a MambaSpec (`SataAttentionImpl.bind`)."""
+        raise RuntimeError(
+            "sata: KV cache spec requested before the layer was bound (the model loader hook did not run)"
         )
-        floats = state_size(spec.head_size, head_size_v, cls.policy.order, cls.policy.exact_tokens)
-        return MambaSpec(
-            # One block must cover a whole request: the block table holds a single column.
-            block_size=cls.max_model_len,
-            shapes=((spec.num_kv_heads, floats),),
-            dtypes=(torch.float32,),
-            mamba_cache_mode="none",
-        )
+
+
+def state_spec(spec: AttentionSpec, policy: SataPolicy, max_model_len: int) -> MambaSpec:
+    """One float32 state block per request, per KV head: Σ φ(k)vᵀ beside Σ φ(k) ([m, d_v + 1]), then the
+    hybrid's exact keys and values ([S + W, d] and [S + W, d_v]; none without a window)."""
+    floats = state_size(spec.head_size, spec.head_size_v, policy.order, policy.exact_tokens)
+    return MambaSpec(
+        # One block must cover a whole request: the block table holds a single column.
+        block_size=max_model_len,
+        shapes=((spec.num_kv_heads, floats),),
+        dtypes=(torch.float32,),
+        mamba_cache_mode="none",
+    )
 
 
 @dataclass
 class SataAttentionMetadata:
-    num_actual_tokens: int
-    query_start_loc: list[int]  # [B + 1], host
-    context_lens: list[int]  # [B] tokens already folded into each request's state, host
-    state_indices: torch.Tensor  # [B] each request's state block
+    num_tokens: int  # real tokens this step (the runner may pad the batch past them)
+    max_query_len: int
+    query_start_loc: torch.Tensor  # [B + 1]
+    context_lens: torch.Tensor  # [B] tokens each request's state already holds
+    state_indices: torch.Tensor  # [B] each request's state block (a view of a persistent buffer)
+    reset: torch.Tensor  # [B] bool: states that start empty (new or recomputed requests)
 
 
 class SataAttentionMetadataBuilder(AttentionMetadataBuilder[SataAttentionMetadata]):
-    # The base declares __init__ abstract: every builder must define one.
+    # Not for CUDA graphs yet: no GPU has run a captured sata step. Under vLLM's default cudagraph
+    # mode sata's attention runs eagerly between the captured pieces (PIECEWISE).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+        # Rows past the step's requests point at the null block, never at another request's state.
+        self.state_indices = torch.full(
+            (vllm_config.scheduler_config.max_num_seqs,), NULL_BLOCK, dtype=torch.long, device=device
+        )
 
     def build(
         self,
@@ -103,14 +108,19 @@ class SataAttentionMetadataBuilder(AttentionMetadataBuilder[SataAttentionMetadat
         fast_build: bool = False,
     ) -> SataAttentionMetadata:
         cam = common_attn_metadata
-        query_start_loc = cam.query_start_loc_cpu[: cam.num_reqs + 1].tolist()
-        seq_lens = cam.seq_lens[: cam.num_reqs].cpu().tolist()
-        query_lens = [end - start for start, end in zip(query_start_loc, query_start_loc[1:])]
+        num_reqs = cam.num_reqs
+        query_start_loc = cam.query_start_loc[: num_reqs + 1]
+        context_lens = cam.seq_lens[:num_reqs] - (query_start_loc[1:] - query_start_loc[:-1])
+        self.state_indices[:num_reqs].copy_(cam.block_table_tensor[:num_reqs, 0], non_blocking=True)
+        self.state_indices[num_reqs:].fill_(NULL_BLOCK)
         return SataAttentionMetadata(
-            num_actual_tokens=cam.num_actual_tokens,
+            num_tokens=int(cam.query_start_loc_cpu[num_reqs]),
+            max_query_len=cam.max_query_len,
             query_start_loc=query_start_loc,
-            context_lens=[seq - query for seq, query in zip(seq_lens, query_lens)],
-            state_indices=cam.block_table_tensor[: cam.num_reqs, 0],
+            context_lens=context_lens,
+            state_indices=self.state_indices[:num_reqs],
+            # A new request, or one preempted and recomputed: its block may hold another's state.
+            reset=context_lens == 0,
         )
 
 
@@ -133,6 +143,7 @@ class SataAttentionImpl(AttentionImpl):
         reasons = unsupported_features(
             alibi_slopes, logits_soft_cap, kv_sharing_target_layer_name, extra_impl_args, vllm_config,
             "not yet verified with sata (use TP=1)",
+            "a state folds in every token it is given, so rejected draft tokens could not be taken out",
         )
         if reasons:
             raise SataNotApplicable("sata attention cannot serve this model: " + "; ".join(reasons))
@@ -140,10 +151,17 @@ class SataAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads
         self.head_size = head_size
         self.scale = float(scale)
+        self.kv_cache_dtype = kv_cache_dtype
         self.policy = SataPolicy.from_config((vllm_config.additional_config or {}).get("sata", {}))
-        SataAttentionBackend.policy = self.policy
-        SataAttentionBackend.max_model_len = vllm_config.model_config.max_model_len
-        SataAttentionBackend.num_layers += 1
+        # The worker has no current vLLM config when it asks for the cache spec (shared notes,
+        # vllm-internals §3.2): what the spec needs is kept from here.
+        self.max_model_len = vllm_config.model_config.max_model_len
+
+    def bind(self, layer: torch.nn.Module, device: torch.device) -> None:
+        """Page this layer as one fixed-size state per request (from the loader hook), and put φ's
+        tables on the model's device now rather than inside a step."""
+        bind_cache_spec(layer, lambda spec: state_spec(spec, self.policy, self.max_model_len))
+        feature_tables(self.head_size, self.policy.order, self.scale, torch.device(device))
 
     def forward(
         self,
@@ -161,45 +179,22 @@ class SataAttentionImpl(AttentionImpl):
             raise NotImplementedError("sata: fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up
             return output
-        n = attn_metadata.num_actual_tokens
-        query = query[:n].view(n, self.num_heads, self.head_size)
-        key = key[:n].view(n, self.num_kv_heads, self.head_size)
-        value = value[:n].view(n, self.num_kv_heads, -1)
-        pages = kv_cache.view(kv_cache.shape[0], -1).view(torch.float32)  # raw int8 pages as float32
-        qsl = attn_metadata.query_start_loc
-        for i, block in enumerate(attn_metadata.state_indices.tolist()):
-            tokens = slice(qsl[i], qsl[i + 1])
-            series, keys, values = self._state_views(pages[block], value.shape[-1])
-            seen = attn_metadata.context_lens[i]
-            if seen == 0:
-                # A new request, or one preempted and recomputed: its block may hold another's state.
-                pages[block].zero_()
-            carried = SataState(series[..., :-1], series[..., -1])
-            q, k, v = query[tokens], key[tokens], value[tokens]
-            if self.policy.window:
-                out, new = chunk_hybrid_sata_attention(
-                    q, k, v, HybridSataState(carried, keys, values), seen, self.scale, self.policy.order,
-                    self.policy.sink_tokens, self.policy.window,
-                )
-                keys.copy_(new.keys)
-                values.copy_(new.values)
-                new = new.series
-            else:
-                form = recurrent_sata_attention if q.shape[0] == 1 else chunk_sata_attention
-                out, new = form(q, k, v, carried, self.scale, self.policy.order)
-            series[..., :-1] = new.numerator
-            series[..., -1] = new.normalizer
-            output[tokens] = out.to(output.dtype)
+        md, n = attn_metadata, attn_metadata.num_tokens
+        pages = kv_cache.view(kv_cache.shape[0], self.num_kv_heads, -1).view(torch.float32)  # raw int8 pages
+        output[:n] = chunk_sata_varlen(
+            query[:n], key[:n], value[:n], md.query_start_loc, md.context_lens, md.max_query_len, pages,
+            md.state_indices, md.reset, self.scale, self.policy.order, self.policy.sink_tokens, self.policy.window,
+        ).view(n, self.num_heads, -1).to(output.dtype)
         return output
 
-    def _state_views(self, page: torch.Tensor, head_size_v: int) -> tuple[torch.Tensor, ...]:
-        """One request's float32 page as its series state [KV heads, m, d_v + 1] and the hybrid's exact
-        keys [KV heads, S + W, d] and values [KV heads, S + W, d_v] (empty without a window)."""
-        m, exact = feature_size(self.head_size, self.policy.order), self.policy.exact_tokens
-        per_head = page.view(self.num_kv_heads, -1)
-        series, keys, values = per_head.split((m * (head_size_v + 1), exact * self.head_size, exact * head_size_v), -1)
-        return (
-            series.view(self.num_kv_heads, m, head_size_v + 1),
-            keys.view(self.num_kv_heads, exact, self.head_size),
-            values.view(self.num_kv_heads, exact, head_size_v),
-        )
+
+def log_state(layers: list[torch.nn.Module]) -> None:
+    """One start-up line: the state per sequence over the model's sata layers, and its break-even."""
+    first = layers[0]
+    logger.info(
+        "sata: %s",
+        state_report(
+            len(layers), first.num_kv_heads, first.head_size, first.head_size_v, first.kv_cache_torch_dtype,
+            first.impl.policy,
+        ),
+    )

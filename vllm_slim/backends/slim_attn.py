@@ -4,6 +4,12 @@ Each cached row is a head's post-RoPE key (what the scores need) followed by
 `spill_per_head` spill coordinates, in the dtype the layout chose (what makes
 16-bit storage safe, see `vllm_slim.ops.slim.policy`). Values are never
 stored: V = K_raw·W_KV + S·W_SV.
+
+Per step: the builder splits the batch once (decodes first, as the runner orders it for
+`reorder_batch_threshold = 1`) and derives every token's position on the device; the rows are
+written through `do_kv_cache_update`; `forward` runs the batched decode form for the decodes and
+the batched prefill form for the rest. Neither builds nor forward reads a device tensor back to the
+host. The layout is per model: the loader hook binds it to each layer (`registration.bind_slim_layers`).
 """
 
 import dataclasses
@@ -13,34 +19,41 @@ from typing import ClassVar
 import torch
 
 from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.logger import init_logger
+from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 from vllm.v1.attention.backend import (
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from vllm_slim.backends.common import DecoderAttentionBackend, unsupported_features
+from vllm_slim.backends.common import (
+    DecoderAttentionBackend,
+    bind_cache_spec,
+    host_max_seq_len,
+    unsupported_features,
+)
 from vllm_slim.ops.slim import (
     Rotary,
     SlimNotApplicable,
     SlimProjection,
     cache_rows,
-    decode_slim_attention,
-    parallel_slim_attention,
-    rebuild_values,
-    rotate,
-    unrope,
+    paged_decode_slim_attention,
+    paged_prefill_slim_attention,
+    write_rows,
 )
+from vllm_slim.ops.slim.decode import pages_per_split
 from vllm_slim.ops.slim.policy import SlimLayout, SlimPolicy
-
-logger = init_logger(f"vllm.{__name__}")
+from vllm_slim.ops.varlen import token_positions
 
 
 class SlimAttentionBackend(DecoderAttentionBackend):
+    # K|spill rows go to the cache through do_kv_cache_update, before forward.
+    forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     # The stored K must be the model's K: quantized caches would be amplified into V.
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
@@ -48,9 +61,6 @@ class SlimAttentionBackend(DecoderAttentionBackend):
         "slim stores K in 16 bits or more: a quantized K's error reaches every value amplified by cond(W_K)"
     )
     sliding_window_reason = "not implemented by slim"
-
-    # Decided once per worker after the weights load (one layout pages every layer alike).
-    layout: ClassVar[SlimLayout | None] = None
 
     @staticmethod
     def get_name() -> str:
@@ -66,31 +76,48 @@ class SlimAttentionBackend(DecoderAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """K-only page: the V slot shrinks to the spill coordinates."""
-        if cls.layout is None:
+        """The K-only page each bound layer already asked for (`SlimAttentionImpl.bind`): the layout
+        belongs to the model, which this class method does not see."""
+        if spec.head_size_v >= spec.head_size:
             raise RuntimeError(
                 "slim: KV cache spec requested before the weights were bound "
-                "(the model loader hook did not run in this process)"
+                "(the model loader hook did not run for this layer)"
             )
-        return dataclasses.replace(
-            spec, head_size_v=cls.layout.spill_per_head, dtype=cls.layout.store_dtype
-        )
+        return spec
 
 
 @dataclass
 class SlimAttentionMetadata:
-    num_actual_tokens: int
-    query_start_loc: list[int]  # [B + 1], host
-    seq_lens: list[int]  # [B], host
-    block_table: torch.Tensor  # [B, max_blocks]
-    slot_mapping: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
+    num_tokens: int  # real tokens this step (the runner may pad the batch past them)
+    positions: torch.Tensor  # [num_tokens] each token's position in its sequence
+    # Decodes: the first num_decodes requests, one token each.
+    num_decodes: int
+    decode_seq_lens: torch.Tensor  # [num_decodes]
+    decode_block_table: torch.Tensor  # [num_decodes, >= decode_pages]
+    decode_pages: int  # pages the longest decode spans
+    decode_split_pages: int  # pages per split of the decode form's working set
+    # Prefills (and chunked prefills): the requests after the decodes.
+    num_prefills: int
+    prefill_query_start_loc: torch.Tensor  # [num_prefills + 1], from 0
+    prefill_seq_lens: torch.Tensor  # [num_prefills]
+    prefill_block_table: torch.Tensor
+    prefill_pages: int
+    prefill_max_query_len: int
 
 
 class SlimAttentionMetadataBuilder(AttentionMetadataBuilder[SlimAttentionMetadata]):
-    # The base declares __init__ abstract: every builder must define one.
+    # Not for CUDA graphs yet: the batched torch forms size their work by the step's longest
+    # sequence (a host number a captured graph would freeze). Under vLLM's default cudagraph mode
+    # slim's attention runs eagerly between the captured pieces (PIECEWISE).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Decodes first, so that one split serves every layer.
+        self._init_reorder_batch_threshold(1)
+        self.block_size = kv_cache_spec.block_size
+        self.row_size = kv_cache_spec.head_size + kv_cache_spec.head_size_v
+        self.num_heads = kv_cache_spec.num_kv_heads
 
     def build(
         self,
@@ -99,13 +126,27 @@ class SlimAttentionMetadataBuilder(AttentionMetadataBuilder[SlimAttentionMetadat
         fast_build: bool = False,
     ) -> SlimAttentionMetadata:
         cam = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cam, decode_threshold=1)
+        query_start_loc_cpu = cam.query_start_loc_cpu[: cam.num_reqs + 1]
+        num_tokens = int(query_start_loc_cpu[-1])
+        seq_lens = cam.seq_lens[: cam.num_reqs]
+        block_table = cam.block_table_tensor[: cam.num_reqs]
+        decode_pages = -(-host_max_seq_len(cam, 0, num_decodes) // self.block_size)
+        prefill_query_lens = query_start_loc_cpu[num_decodes + 1 :] - query_start_loc_cpu[num_decodes:-1]
         return SlimAttentionMetadata(
-            num_actual_tokens=cam.num_actual_tokens,
-            query_start_loc=cam.query_start_loc_cpu[: cam.num_reqs + 1].tolist(),
-            seq_lens=cam.seq_lens[: cam.num_reqs].cpu().tolist(),
-            block_table=cam.block_table_tensor,
-            slot_mapping=cam.slot_mapping,
-            positions=cam.positions,
+            num_tokens=num_tokens,
+            positions=token_positions(cam.query_start_loc[: cam.num_reqs + 1], seq_lens, num_tokens),
+            num_decodes=num_decodes,
+            decode_seq_lens=seq_lens[:num_decodes],
+            decode_block_table=block_table[:num_decodes],
+            decode_pages=decode_pages,
+            decode_split_pages=pages_per_split(num_decodes, self.block_size, self.num_heads, self.row_size),
+            num_prefills=num_prefills,
+            prefill_query_start_loc=cam.query_start_loc[num_decodes : cam.num_reqs + 1] - num_decode_tokens,
+            prefill_seq_lens=seq_lens[num_decodes:],
+            prefill_block_table=block_table[num_decodes:],
+            prefill_pages=-(-host_max_seq_len(cam, num_decodes, cam.num_reqs) // self.block_size),
+            prefill_max_query_len=int(prefill_query_lens.max()) if num_prefills else 0,
         )
 
 
@@ -139,18 +180,39 @@ class SlimAttentionImpl(AttentionImpl):
         self.model_dtype = vllm_config.model_config.dtype
         self.attn_type = attn_type
         self.policy = SlimPolicy.from_config((vllm_config.additional_config or {}).get("slim", {}))
+        self.layer_name = ""
+        self.layout: SlimLayout | None = None
         self.projection: SlimProjection | None = None
         self.rotary: Rotary | None = None
-        self.layer_name = ""
-        self.expected_error = 0.0
-        self.verified = False
 
-    def bind(self, layer_name: str, projection: SlimProjection, rotary: Rotary | None, expected_error: float) -> None:
-        """Attach the layer's value map and RoPE (from the loader hook)."""
-        self.layer_name = layer_name
+    def bind(
+        self, layer: torch.nn.Module, layout: SlimLayout, projection: SlimProjection, rotary: Rotary | None
+    ) -> None:
+        """Attach the layer's value map and RoPE (from the loader hook), and page it by the model's
+        layout: K plus the spill, in the layout's dtype."""
+        self.layer_name = layer.layer_name
+        self.layout = layout
         self.projection = projection
         self.rotary = rotary
-        self.expected_error = expected_error
+        bind_cache_spec(
+            layer, lambda spec: dataclasses.replace(spec, head_size_v=layout.spill_per_head, dtype=layout.store_dtype)
+        )
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Store each new token's K|spill row at its slot (slot −1, padding, lands in the null block)."""
+        metadata = step_metadata(layer.layer_name)
+        if metadata is None:  # profiling / warm-up
+            return
+        n = metadata.num_tokens
+        rows = cache_rows(key[:n], value[:n], metadata.positions, self._projection(), self.rotary)
+        write_rows(kv_cache, rows, slot_mapping[:n])
 
     def forward(
         self,
@@ -168,70 +230,33 @@ class SlimAttentionImpl(AttentionImpl):
             raise NotImplementedError("slim: fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up
             return output
-        if self.projection is None:
-            raise RuntimeError("slim: attention ran before W_KV was bound")
-        if self.projection.w_kv.device != query.device:
-            self.projection = self.projection.to(query.device)
-            self.rotary = self.rotary and Rotary(
-                self.rotary.cos_sin.to(query.device), self.rotary.rotary_dim, self.rotary.neox
-            )
-        n = attn_metadata.num_actual_tokens
-        key, value = key[:n], value[:n]
-        self._write_cache(key, value, kv_cache, attn_metadata)
-        cache_values = value.to(self.cache_torch_dtype)  # what a stock cache would hand back
-        qsl = attn_metadata.query_start_loc
-        for i, seq_len in enumerate(attn_metadata.seq_lens):
-            q = query[qsl[i] : qsl[i + 1]]
-            keys, spill = self._gather(kv_cache, attn_metadata.block_table[i], seq_len)
-            # Reordered (softmax·K)·W_KV while it is cheaper than rebuilding V (Lq < head_size).
-            form = decode_slim_attention if q.shape[0] < self.head_size else parallel_slim_attention
-            out = form(q, keys, spill, self.projection, self.rotary, self.scale, cache_values[qsl[i] : qsl[i + 1]])
-            output[qsl[i] : qsl[i + 1]] = out.to(output.dtype)
+        md, proj = attn_metadata, self._projection()
+        # Every token attends to the rows just cached for it, never to the V it was handed: the
+        # output is a function of the cache alone, however the sequence was batched or recomputed.
+        if md.num_decodes:
+            output[: md.num_decodes] = paged_decode_slim_attention(
+                query[: md.num_decodes], kv_cache, md.decode_block_table, md.decode_seq_lens, md.decode_pages,
+                proj, self.rotary, self.scale, md.decode_split_pages,
+            ).to(output.dtype)
+        if md.num_prefills:
+            output[md.num_decodes : md.num_tokens] = paged_prefill_slim_attention(
+                query[md.num_decodes : md.num_tokens], md.prefill_query_start_loc, md.prefill_seq_lens, kv_cache,
+                md.prefill_block_table, md.prefill_pages, md.prefill_max_query_len, proj, self.rotary, self.scale,
+            ).to(output.dtype)
         return output
 
-    def _write_cache(self, key, value, kv_cache, md: SlimAttentionMetadata) -> None:
-        """Store each token's K (and spill) row at its slot; slot -1 is padding."""
-        valid = md.slot_mapping[: key.shape[0]] >= 0
-        slots = md.slot_mapping[: key.shape[0]][valid]
-        key, value = key[valid], value[valid]
-        row = key
-        proj = self.projection
-        positions = md.positions[: valid.shape[0]][valid]
-        if not self.verified:
-            self._verify_binding(key, value, positions)
-        if proj.spill or proj.refine is not None:
-            keys, spill = cache_rows(unrope(key, positions, self.rotary), value, proj)
-            if proj.refine is None:
-                keys = key.float()  # stored as the model made it: no round trip through RoPE
-            elif self.rotary is not None:
-                keys = rotate(keys, positions, self.rotary)
-            row = torch.cat((keys, spill.view(key.shape[0], self.num_heads, -1)), dim=-1)
-        block_size = kv_cache.shape[2]
-        kv_cache[slots // block_size, :, slots % block_size] = row.to(kv_cache.dtype)
+    def _projection(self) -> SlimProjection:
+        if self.projection is None:
+            raise RuntimeError("slim: attention ran before W_KV was bound (the model loader hook did not run)")
+        return self.projection
 
-    def _verify_binding(self, key, value, positions) -> None:
-        """Refuse to serve if values rebuilt from the first real keys do not match
-        the model's: the projections or RoPE found for this layer are not the ones
-        the model computes with, and every later answer would be silently wrong."""
-        k_raw = unrope(key, positions, self.rotary)
-        keys, spill = cache_rows(k_raw, value, self.projection)
-        rebuilt = rebuild_values(keys if self.projection.refine is not None else k_raw, spill, self.projection)
-        error = ((rebuilt - value.float()).norm() / value.float().norm().clamp_min(1e-30)).item()
-        if error > max(0.05, 10 * self.expected_error):
-            raise SlimNotApplicable(
-                f"slim: {self.layer_name}: values rebuilt from the first keys differ from the "
-                f"model's by {error:.1%} (expected {self.expected_error:.1e}): the K/V projections "
-                "or RoPE found for this architecture are not the ones it computes with"
-            )
-        self.verified = True
 
-    def _gather(self, kv_cache, block_ids, seq_len):
-        """A sequence's cached K [L, H, D] and spill [L, r] from its blocks."""
-        block_size = kv_cache.shape[2]
-        blocks = kv_cache[block_ids[: -(-seq_len // block_size)]]  # [nb, H, bs, D + r_h]
-        rows = blocks.transpose(1, 2).reshape(-1, self.num_heads, blocks.shape[-1])[:seq_len]
-        spill = rows[..., self.head_size :].flatten(1) if self.projection.spill else None
-        return rows[..., : self.head_size], spill
+def step_metadata(layer_name: str) -> SlimAttentionMetadata | None:
+    """This step's metadata for one layer, from vLLM's forward context (None while profiling)."""
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):  # speculative decoding's per-draft dicts: refused at start-up
+        metadata = metadata[0]
+    return metadata.get(layer_name) if isinstance(metadata, dict) else metadata
 
 
 def _refuse_unsupported(
@@ -250,6 +275,8 @@ def _refuse_unsupported(
     reasons += unsupported_features(
         alibi_slopes, logits_soft_cap, kv_sharing_target_layer_name, extra_impl_args, vllm_config,
         "every head's V needs every head's K, which a head-sharded rank does not hold (use TP=1)",
+        "verification would write rejected draft tokens' rows that slim has not been shown to overwrite "
+        "like the stock cache, and a draft model would page the target's cache with its own layout",
     )
     quantization = vllm_config.model_config.quantization if vllm_config.model_config else None
     if quantization:

@@ -7,6 +7,7 @@ repacks and deletes the qkv weight). Only attention modules whose layout is
 known (and proven by the tests) are accepted; anything else is refused.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,13 +37,16 @@ QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
 
 @dataclass
 class AttentionWeights:
-    """K = X·w_k + k_bias, V = X·w_v + v_bias (row vectors), and K's rotation."""
+    """K = X·w_k + k_bias, V = X·w_v + v_bias (row vectors), and K's rotation: as a table (on the
+    weights' device) for the backend, and as the model's own code for the bind-time check."""
 
     w_k: torch.Tensor  # [hidden, H·D]
     w_v: torch.Tensor  # [hidden, H·Dv]
     k_bias: torch.Tensor | None
     v_bias: torch.Tensor | None
     rotary: Rotary | None
+    # keys [T, H, D] at positions [T] -> rotated as the model rotates them (None: no rotation)
+    rotate_keys: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
 def attention_weights(model: nn.Module, layer_name: str, attn: nn.Module) -> AttentionWeights:
@@ -69,12 +73,16 @@ def attention_weights(model: nn.Module, layer_name: str, attn: nn.Module) -> Att
             f"{head_size} (is the model tensor-parallel or quantized?)"
         )
     k_rows, v_rows = key_value_rows(heads, head_size, layout.per_head_interleaved)
+    rotary, rotate_keys = _rotary(model, parent, layer_name)
     return AttentionWeights(
         w_k=weight[k_rows].T,
         w_v=weight[v_rows].T,
         k_bias=None if bias is None else bias[k_rows].detach(),
         v_bias=None if bias is None else bias[v_rows].detach(),
-        rotary=_rotary(model, parent, layer_name),
+        # process_weights_after_loading runs outside the loader's device context: the table is
+        # built on the CPU, and must live where the weights (and the cache) do.
+        rotary=None if rotary is None else rotary.to(weight.device),
+        rotate_keys=rotate_keys,
     )
 
 
@@ -97,8 +105,9 @@ def _dense_weight(linear: nn.Module, layer_name: str) -> torch.Tensor:
     return weight.detach()
 
 
-def _rotary(model: nn.Module, parent: nn.Module, layer_name: str) -> Rotary | None:
-    """The layer's RoPE as a float32 cos/sin table, or None (learned/no positions)."""
+def _rotary(model: nn.Module, parent: nn.Module, layer_name: str):
+    """The layer's RoPE as a float32 cos/sin table and as the model's own rotation of keys, or
+    (None, None) (learned/no positions)."""
     rope = getattr(parent, "rotary_emb", None)
     if rope is not None:  # vLLM's RotaryEmbedding
         if not hasattr(rope, "_compute_cos_sin_cache") or not hasattr(rope, "rotary_dim"):
@@ -110,11 +119,11 @@ def _rotary(model: nn.Module, parent: nn.Module, layer_name: str) -> Rotary | No
                 f"{layer_name}: rotary embedding {type(rope).__name__} is not a plain "
                 f"cos/sin rotation (cache width {cos_sin.shape[-1]} != rotary_dim {rope.rotary_dim})"
             )
-        return Rotary(cos_sin, rope.rotary_dim, bool(rope.is_neox_style))
+        return Rotary(cos_sin, rope.rotary_dim, bool(rope.is_neox_style)), _model_rotation(rope)
     # Hugging Face models (Transformers backend) rotate with one model-level module.
     hf_rope = next((m for n, m in model.named_modules() if n.endswith("rotary_emb") and hasattr(m, "inv_freq")), None)
     if hf_rope is None:
-        return None
+        return None, None
     max_positions = getattr(hf_rope, "max_seq_len_cached", None) or getattr(
         getattr(hf_rope, "config", None), "max_position_embeddings"
     )
@@ -122,4 +131,18 @@ def _rotary(model: nn.Module, parent: nn.Module, layer_name: str) -> Rotary | No
         raise SlimNotApplicable(f"{layer_name}: scaled rotary embedding ({type(hf_rope).__name__})")
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), hf_rope.inv_freq.float().cpu())
     # Hugging Face's rotate_half pairs dimension i with i + rotary_dim/2: NeoX style.
-    return Rotary(torch.cat((freqs.cos(), freqs.sin()), dim=-1), 2 * freqs.shape[1], neox=True)
+    rotary = Rotary(torch.cat((freqs.cos(), freqs.sin()), dim=-1), 2 * freqs.shape[1], neox=True)
+    # Not checked against the module's own code (its forward is the whole attention block).
+    return rotary, None
+
+
+def _model_rotation(rope: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Keys rotated by vLLM's rotary module itself (its native path, in its table's dtype so that
+    the module keeps its table as it is)."""
+
+    def rotate_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        table = rope.cos_sin_cache
+        rotated, _ = rope.forward_native(positions.to(table.device), keys.flatten(1).to(table.device, table.dtype))
+        return rotated.view_as(keys)
+
+    return rotate_keys

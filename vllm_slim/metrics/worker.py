@@ -15,6 +15,7 @@ def publish_cache_report(model: torch.nn.Module, vllm_config: VllmConfig) -> Non
     """After the weights are bound: bytes per token ours and stock, and each layer's policy."""
     from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
     from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.kv_cache_interface import AttentionSpec
     from vllm.v1.worker.utils import customize_attention_spec
 
     from vllm_slim.backends.registration import BACKENDS
@@ -26,8 +27,12 @@ def publish_cache_report(model: torch.nn.Module, vllm_config: VllmConfig) -> Non
     if not layers or get_tensor_model_parallel_rank() != 0:
         return  # tensor-parallel ranks hold the same layers: the first one speaks for them
     name = layers[0].attn_backend.get_name()
-    # The spec as the model runner pages it: the layer's stock spec, customized by our backend.
-    specs = [customize_attention_spec(layer.attn_backend, layer.get_kv_cache_spec(vllm_config)) for layer in layers]
+    # The spec as the model runners page it (v1/worker/gpu/attn_utils.get_kv_cache_spec).
+    specs = [layer.get_kv_cache_spec(vllm_config) for layer in layers]
+    specs = [
+        customize_attention_spec(layer.attn_backend, spec) if isinstance(spec, AttentionSpec) else spec
+        for layer, spec in zip(layers, specs)
+    ]
     report = CacheReport(
         backend=name.lower(),
         # sata's block is one sequence's state, max_model_len tokens long
@@ -37,7 +42,7 @@ def publish_cache_report(model: torch.nn.Module, vllm_config: VllmConfig) -> Non
             for layer in layers
         ),
         state_bytes_per_sequence=sum(spec.page_size_bytes for spec in specs) if name == "SATA" else None,
-        layers=[_layer_report(name, layer.layer_name) for layer in layers],
+        layers=[_layer_report(layer) for layer in layers],
     )
     engine = vllm_config.parallel_config.data_parallel_rank
     path = publish(report, engine, get_pp_group().rank_in_group)
@@ -48,15 +53,11 @@ def publish_cache_report(model: torch.nn.Module, vllm_config: VllmConfig) -> Non
         )
 
 
-def _layer_report(backend: str, layer_name: str) -> LayerReport:
-    if backend == "SATA":
-        from vllm_slim.backends.sata_attn import SataAttentionBackend
-
-        return LayerReport(layer_name, SataAttentionBackend.policy.describe())
-    from vllm_slim.backends.slim_attn import SlimAttentionBackend
-
-    layout = SlimAttentionBackend.layout
-    numerics = next(layer for layer in layout.layers if layer.name == layer_name)
+def _layer_report(layer: torch.nn.Module) -> LayerReport:
+    layout = getattr(layer.impl, "layout", None)
+    if layout is None:  # sata
+        return LayerReport(layer.layer_name, layer.impl.policy.describe())
+    numerics = next(numerics for numerics in layout.layers if numerics.name == layer.layer_name)
     return LayerReport(
-        layer_name, layout.describe(), numerics.cond, numerics.error, numerics.error_naive, layout.stock_error
+        layer.layer_name, layout.describe(), numerics.cond, numerics.error, numerics.error_naive, layout.stock_error
     )

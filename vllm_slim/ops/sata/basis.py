@@ -73,8 +73,9 @@ def multinomial_weights(head_size: int, degree: int) -> torch.Tensor:
 
 
 @functools.cache
-def _feature_tables(head_size: int, order: int, scale: float, device: torch.device):
-    """All degrees' index rows padded to order−1 columns with index d (a constant 1), and φ's coefficients."""
+def feature_tables(head_size: int, order: int, scale: float, device: torch.device):
+    """All degrees' index rows padded to order−1 columns with index d (a constant 1), and φ's coefficients,
+    on `device`: built on the host once per device (call it before a step to keep the copy out of it)."""
     width = order - 1
     index = torch.cat([
         torch.cat((basis_indices(head_size, p), torch.full((basis_size(head_size, p), width - p), head_size)), 1)
@@ -88,7 +89,7 @@ def _feature_tables(head_size: int, order: int, scale: float, device: torch.devi
 
 def feature_map(x: torch.Tensor, order: int, scale: float) -> torch.Tensor:
     """φ(x) [..., m] float32 for x [..., d], with ⟨φ(q), φ(k)⟩ = Σ_{p<order} (q·k·scale)^p / p!."""
-    index, coefficient = _feature_tables(x.shape[-1], order, scale, x.device)
+    index, coefficient = feature_tables(x.shape[-1], order, scale, x.device)
     padded = torch.cat((x.float(), x.new_ones(x.shape[:-1] + (1,), dtype=torch.float32)), -1)
     return padded[..., index].prod(-1) * coefficient
 

@@ -16,22 +16,13 @@ import torch
 from vllm_slim.ops.sata.basis import (
     DEFAULT_ORDER,
     SataState,
-    feature_map,
+    feature_size,
     group_queries,
     initial_state,
     prepare_state,
     truncated_exp,
 )
-
-
-def key_masks(
-    query_positions: torch.Tensor, key_positions: torch.Tensor, sink_tokens: int, window: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[Tq, Tk] bool masks (causal, exact): key s counts for query t when 0 ≤ s ≤ t (position −1: no key),
-    and gets its exact weight when it also is a sink or one of the `window` most recent."""
-    distance = query_positions[:, None] - key_positions[None, :]
-    causal = (key_positions[None, :] >= 0) & (distance >= 0)
-    return causal, causal & ((key_positions[None, :] < sink_tokens) | (distance < window))
+from vllm_slim.ops.sata.chunk import key_masks, one_sequence, split_state_page
 
 
 def hybrid_weights(logits: torch.Tensor, order: int, sink_tokens: int, window: int) -> torch.Tensor:
@@ -94,17 +85,6 @@ def initial_hybrid_state(
     )
 
 
-def slot_positions(seen: int, sink_tokens: int, window: int, device=None) -> torch.Tensor:
-    """[S + W] the position each slot holds after `seen` tokens, −1 where it holds none yet."""
-    slot = torch.arange(sink_tokens + window, device=device)
-    sinks = torch.where(slot < seen, slot, -1)[:sink_tokens]
-    ring = slot[sink_tokens:] - sink_tokens
-    # the latest p ≥ S with (p − S) mod W == ring slot and p < seen
-    newest = seen - 1 - sink_tokens
-    position = sink_tokens + newest - (newest - ring) % window
-    return torch.cat((sinks, torch.where((newest >= 0) & (position >= sink_tokens), position, -1)))
-
-
 def chunk_hybrid_sata_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -117,14 +97,9 @@ def chunk_hybrid_sata_attention(
     window: int = 128,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, HybridSataState]:
-    """The hybrid over T new tokens at positions seen..seen+T−1, after the `seen` tokens `state` holds.
-
-    Per chunk: each query weighs the stored sink and window keys and the chunk's own keys exactly or by
-    the series (as `naive_hybrid_sata_attention` decides by position) and reads the series state, all on
-    the scale of its largest exact weight (the query's own key is always exact); then tokens that left the
-    window are folded into the series state and the chunk's keys take their slots. The same step serves
-    decode (T = 1). q [T, H, d], k [T, Hkv, d], v [T, Hkv, d_v]. Returns [T, H, d_v] in q's dtype and the
-    new state; the given one is not modified.
+    """The hybrid over T new tokens of one sequence at positions seen..seen+T−1, after the `seen` tokens
+    `state` holds (`chunk.chunk_sata_varlen` on one sequence). q [T, H, d], k [T, Hkv, d], v [T, Hkv, d_v].
+    Returns [T, H, d_v] in q's dtype and the new state; the given one is not modified.
     """
     if window < 1:
         raise ValueError(f"the hybrid needs a window of at least 1 token (the query's own), got {window}")
@@ -132,41 +107,11 @@ def chunk_hybrid_sata_attention(
     if state is None:
         state = initial_hybrid_state(k.shape[1], k.shape[2], v.shape[2], order, sink_tokens, window, k.device)
     series = prepare_state(state.series, k, v, order)
-    numerator, normalizer = series.numerator, series.normalizer
-    stored_k, stored_v = state.keys, state.values
-    queries, keys, values = group_queries(q.float(), k.shape[1]), k.float(), v.float()
-    out = torch.empty(queries.shape[:3] + values.shape[-1:], device=q.device)
-    for start in range(0, q.shape[0], chunk_size):
-        chunk = slice(start, start + chunk_size)
-        first = seen + start
-        q_c, k_c, v_c = queries[chunk], keys[chunk], values[chunk]
-        query_pos = torch.arange(first, first + q_c.shape[0], device=q.device)
-        key_pos = torch.cat((slot_positions(first, sink_tokens, window, q.device), query_pos))
-        local_k = torch.cat((stored_k, k_c.transpose(0, 1)), 1)  # [Hkv, L, d]
-        local_v = torch.cat((stored_v, v_c.transpose(0, 1)), 1)
-        logits = torch.einsum("thgd,hsd->hgts", q_c, local_k) * scale
-        causal, exact = key_masks(query_pos, key_pos, sink_tokens, window)
-        offset = logits.masked_fill(~exact, float("-inf")).amax(-1, keepdim=True)
-        weights = torch.where(exact, (logits - offset).exp(), truncated_exp(logits, order) * (-offset).exp())
-        weights = weights.masked_fill(~causal, 0.0)
-        phi_q = feature_map(q_c, order, scale)
-        series_scale = (-offset).squeeze(-1).permute(2, 0, 1).exp()  # [c, Hkv, G]
-        num = torch.einsum("thgm,hmv->thgv", phi_q, numerator) * series_scale[..., None]
-        num = num + torch.einsum("hgts,hsv->thgv", weights, local_v)
-        den = torch.einsum("thgm,hm->thg", phi_q, normalizer) * series_scale + torch.einsum("hgts->thg", weights)
-        out[chunk] = num / den[..., None]
-        # Tokens the next query no longer sees exactly join the series state.
-        after = first + q_c.shape[0]
-        leaving = (key_pos >= sink_tokens) & (key_pos <= after - 1 - window)
-        phi_k = feature_map(local_k[:, leaving], order, scale)
-        numerator = numerator + torch.einsum("hsm,hsv->hmv", phi_k, local_v[:, leaving])
-        normalizer = normalizer + phi_k.sum(1)
-        # The chunk's sinks and its last W later tokens take their slots.
-        kept = (query_pos < sink_tokens) | (query_pos >= max(sink_tokens, after - window))
-        slots = torch.where(
-            query_pos < sink_tokens, query_pos, sink_tokens + (query_pos - sink_tokens) % window
-        )[kept]
-        stored_k, stored_v = stored_k.clone(), stored_v.clone()
-        stored_k[:, slots] = k_c.transpose(0, 1)[:, kept]
-        stored_v[:, slots] = v_c.transpose(0, 1)[:, kept]
-    return out.flatten(1, 2).to(q.dtype), HybridSataState(SataState(numerator, normalizer), stored_k, stored_v)
+    page = torch.cat((
+        torch.cat((series.numerator, series.normalizer[..., None]), -1).flatten(-2),
+        state.keys.flatten(-2), state.values.flatten(-2),
+    ), -1)[None]
+    out = one_sequence(q, k, v, seen, page, scale, order, sink_tokens, window, chunk_size)
+    m = feature_size(k.shape[2], order)
+    new_series, keys, values = split_state_page(page[0], m, k.shape[2], v.shape[2], sink_tokens + window)
+    return out, HybridSataState(SataState(new_series[..., :-1], new_series[..., -1]), keys, values)

@@ -1,50 +1,94 @@
-"""Decode form: the reordered product (softmax·K)·W_KV of the paper's §2.
+"""Decode form, batched over a step's decodes: the reordered product (softmax·K)·W_KV of the paper's §2.
 
-Z = P·K_raw is one (h × L)·(L × d) product over the whole key row, shared by
-all heads; each head then maps its d-wide Z row through its own W_KV block.
-No V is ever materialised, so the cost is Lq·h·L·d + Lq·h·d·Dv: cheaper than
-rebuilding V (L·d²) while Lq < head_size.
+For B sequences with one query each, read from the paged cache a split of pages at a time
+(flash-decoding: each split keeps its own softmax statistics, the splits are merged by
+log-sum-exp), so the working set is one split, never the whole context:
+scores from the post-RoPE keys; Z = P·K_raw, one (H × L)·(L × d) product per sequence over the
+key row (shared by all heads); then each head maps its d-wide Z row through its own W_KV block,
+one batched product per layer for the whole batch (W_KV read once). No V is ever materialised:
+(1 + H)·L·d multiply-adds per query where stock attention does 2·L·d.
 """
 
 import torch
 
-from vllm_slim.ops.slim.parallel import causal_mask
+from vllm_slim.ops.slim.cache import page_positions, read_rows
 from vllm_slim.ops.slim.projection import SlimProjection
 from vllm_slim.ops.slim.rope import Rotary, unrope
 
+# Float32 elements one split's keys may occupy (256 MiB): bounds the step's working set.
+SPLIT_ELEMENTS = 1 << 26
 
-def decode_slim_attention(
+
+def pages_per_split(num_sequences: int, block_size: int, num_heads: int, row_size: int) -> int:
+    """How many pages one split reads for `num_sequences` sequences (at least 1)."""
+    return max(1, SPLIT_ELEMENTS // max(1, num_sequences * block_size * num_heads * row_size))
+
+
+def paged_decode_slim_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    spill: torch.Tensor | None,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    num_pages: int,
     proj: SlimProjection,
     rotary: Rotary | None,
     scale: float,
-    v_new: torch.Tensor | None = None,
+    split_pages: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as `naive_slim_attention`; returns [Lq, H, Dv] float32."""
-    q_len, kv_len = q.shape[0], k.shape[0]
-    heads = proj.num_heads
-    scores = torch.einsum("qhd,lhd->hql", q.float(), k.float()) * scale
-    scores.masked_fill_(~causal_mask(q_len, kv_len, k.device), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    """One query per sequence over its cached rows (the query's own row included).
 
-    # Tokens whose V the engine handed over are weighted directly; the rest
-    # (the cached context) go through the reordered product.
-    ctx_len = kv_len - q_len if v_new is not None else kv_len
-    p_ctx = probs[..., :ctx_len]
-    k_raw = unrope(k[:ctx_len], torch.arange(ctx_len, device=k.device), rotary).flatten(1)
+    q [B, H, D] post-RoPE; kv_cache [num_blocks, H, block_size, D + r_h]; block_table [B, >= num_pages];
+    seq_lens [B] cached tokens per sequence, at most num_pages·block_size (a padded row may give 0:
+    its output is finite and meaningless); split_pages: pages per split (default: all in one).
+    Returns [B, H, Dv] float32. No host sync.
+    """
+    split_pages = max(1, split_pages or num_pages)
+    # Position 0 always counts, so every row (padding too) has a finite softmax.
+    seq_lens = seq_lens.clamp_min(1)
+    splits = [
+        _decode_split(q, kv_cache, block_table[:, first : first + split_pages], seq_lens, first, rotary, scale)
+        for first in range(0, max(num_pages, 1), split_pages)
+    ]
+    z, z_spill = merge_splits(splits)
+    # Σ_l P_l·(K_raw,l − b_K) = Z − b_K, since each row of P sums to 1.
     if proj.k_bias is not None:
-        k_raw = k_raw - proj.k_bias
-    z = torch.einsum("hql,ld->qhd", p_ctx, k_raw)
-    w_kv = proj.w_kv.view(k_raw.shape[1], heads, -1).transpose(0, 1)  # [H, d, Dv]
-    out = torch.einsum("qhd,hde->qhe", z, w_kv)
+        z = z - proj.k_bias
+    heads = proj.num_heads
+    out = torch.einsum("bhd,hde->bhe", z, proj.w_kv.view(z.shape[-1], heads, -1).transpose(0, 1))
     if proj.spill:
-        zs = torch.einsum("hql,lr->qhr", p_ctx, spill[:ctx_len].float())
-        w_sv = proj.w_sv.view(proj.spill, heads, -1).transpose(0, 1)  # [H, r, Dv]
-        out = out + torch.einsum("qhr,hre->qhe", zs, w_sv)
+        out = out + torch.einsum("bhr,hre->bhe", z_spill, proj.w_sv.view(proj.spill, heads, -1).transpose(0, 1))
     if proj.v_bias is not None:
-        out = out + p_ctx.sum(-1).transpose(0, 1)[..., None] * proj.v_bias.view(heads, -1)
-    if v_new is not None:
-        out = out + torch.einsum("hql,lhe->qhe", probs[..., ctx_len:], v_new.float())
+        out = out + proj.v_bias.view(heads, -1)
     return out
+
+
+def _decode_split(q, kv_cache, block_table, seq_lens, first_page, rotary, scale):
+    """One split's unnormalised Z [B, H, d] and spill Z [B, H, r], with its softmax max and sum [B, H]."""
+    head_size, block_size = q.shape[-1], kv_cache.shape[2]
+    num_pages = block_table.shape[1]
+    rows = read_rows(kv_cache, block_table, num_pages).flatten(1, 2)  # [B, L, H, C]
+    keys = rows[..., :head_size].float()
+    positions = page_positions(num_pages, block_size, q.device).flatten() + first_page * block_size
+    scores = torch.einsum("bhd,blhd->bhl", q.float(), keys) * scale
+    scores = scores.masked_fill(positions >= seq_lens[:, None, None], float("-inf"))
+    peak = scores.amax(-1)  # −inf for a split past a sequence's end
+    weights = (scores - peak.where(peak.isfinite(), 0.0)[..., None]).exp()
+    z = torch.bmm(weights, unrope(keys, positions, rotary).flatten(-2))
+    z_spill = torch.bmm(weights, rows[..., head_size:].float().flatten(-2))
+    return z, z_spill, peak, weights.sum(-1)
+
+
+def merge_splits(splits):
+    """Normalised Z and spill Z from per-split partials: each rescaled to the largest max (finite: the
+    first split holds position 0), summed."""
+    if len(splits) == 1:
+        z, z_spill, _, total = splits[0]
+        return z / total[..., None], z_spill / total[..., None]
+    peak = torch.stack([s[2] for s in splits]).amax(0)
+    z = z_spill = total = 0.0
+    for part_z, part_spill, part_peak, part_total in splits:
+        factor = (part_peak - peak).exp()
+        z = z + part_z * factor[..., None]
+        z_spill = z_spill + part_spill * factor[..., None]
+        total = total + part_total * factor
+    return z / total[..., None], z_spill / total[..., None]

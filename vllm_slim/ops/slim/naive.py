@@ -1,7 +1,7 @@
-"""Reference slim attention: rebuild every V, then plain causal softmax attention.
+"""Reference slim attention: rebuild every V from the cached rows, then plain causal softmax attention.
 
-One sequence, contiguous tensors, one head at a time; meant to be read and
-trusted, not to be fast. Every other form is tested against this one.
+One sequence, contiguous rows, one head and one query at a time; meant to be read
+and trusted, not to be fast. The batched paged forms are tested against this one.
 """
 
 import torch
@@ -11,29 +11,21 @@ from vllm_slim.ops.slim.rope import Rotary, unrope
 
 
 def naive_slim_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    spill: torch.Tensor | None,
-    proj: SlimProjection,
-    rotary: Rotary | None,
-    scale: float,
-    v_new: torch.Tensor | None = None,
+    q: torch.Tensor, rows: torch.Tensor, proj: SlimProjection, rotary: Rotary | None, scale: float
 ) -> torch.Tensor:
-    """Causal attention of the last Lq positions of a sequence.
+    """Causal attention of the last Lq positions of a sequence over its cached rows.
 
-    q [Lq, H, D] and k [L, H, D] are post-RoPE; k holds the whole sequence
-    (positions 0..L-1) with the queries' own keys last; spill [L, r]. If given,
-    v_new [Lq, H, Dv] replaces the rebuilt values of the last Lq tokens (the
-    engine hands those over directly). Returns [Lq, H, Dv] float32.
+    q [Lq, H, D] is post-RoPE; rows [L, H, D + r_h] are what slim cached for positions 0..L-1
+    (`cache.cache_rows`), the queries' own tokens last. Returns [Lq, H, Dv] float32.
     """
-    q_len, kv_len = q.shape[0], k.shape[0]
-    v = rebuild_values(unrope(k, torch.arange(kv_len), rotary), spill, proj)
-    if v_new is not None:
-        v[kv_len - q_len :] = v_new.float()
-    out = torch.empty(q_len, proj.num_heads, v.shape[-1])
+    q_len, kv_len, head_size = q.shape[0], rows.shape[0], q.shape[-1]
+    keys = rows[..., :head_size]
+    spill = rows[..., head_size:].flatten(1)
+    v = rebuild_values(unrope(keys, torch.arange(kv_len, device=q.device), rotary), spill, proj)
+    out = torch.empty(q_len, proj.num_heads, v.shape[-1], device=q.device)
     for h in range(proj.num_heads):
         for i in range(q_len):
             visible = kv_len - q_len + i + 1
-            scores = (k[:visible, h].float() @ q[i, h].float()) * scale
+            scores = (keys[:visible, h].float() @ q[i, h].float()) * scale
             out[i, h] = torch.softmax(scores, dim=0) @ v[:visible, h]
     return out

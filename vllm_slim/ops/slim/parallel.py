@@ -1,42 +1,55 @@
-"""Prefill form: rebuild the sequence's V once (left form), then fused softmax attention.
+"""Prefill form, batched over a step's prefills (packed varlen queries): rebuild each sequence's V once
+from its cached rows (left form), then fused causal softmax attention over the padded batch.
 
-Cost is L·d² for the rebuild plus ordinary attention, so it wins when many
-queries share the rebuilt values (Lq ≥ head_size; see `decode.py` otherwise).
+The rebuild costs L·d² per sequence, so it wins over the reordered form of
+`decode.py` once a sequence has many queries (about head_size or more).
 """
 
 import torch
 import torch.nn.functional as F
 
+from vllm_slim.ops.slim.cache import page_positions, read_rows
 from vllm_slim.ops.slim.projection import SlimProjection, rebuild_values
 from vllm_slim.ops.slim.rope import Rotary, unrope
+from vllm_slim.ops.varlen import pad_sequences, token_layout
 
 
-def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
-    """[Lq, L] bool, True where query i (position L-Lq+i) may attend key j."""
-    rows = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    return torch.arange(kv_len, device=device)[None, :] <= rows
-
-
-def parallel_slim_attention(
+def paged_prefill_slim_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    spill: torch.Tensor | None,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    num_pages: int,
+    max_query_len: int,
     proj: SlimProjection,
     rotary: Rotary | None,
     scale: float,
-    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `naive_slim_attention`; returns [Lq, H, Dv] float32."""
-    q_len, kv_len = q.shape[0], k.shape[0]
-    positions = torch.arange(kv_len, device=k.device)
-    v = rebuild_values(unrope(k, positions, rotary), spill, proj)
-    if v_new is not None:
-        v[kv_len - q_len :] = v_new.float()
+    """Causal attention of each sequence's last query_len positions over its cached rows.
+
+    q [T, H, D] post-RoPE, packed: sequence i's queries are q[query_start_loc[i]:query_start_loc[i+1]]
+    (query_start_loc [P + 1] from 0, T = query_start_loc[-1]); seq_lens [P] cached tokens, the
+    queries' own included; block_table [P, >= num_pages]; max_query_len >= every query length.
+    Returns [T, H, Dv] float32. No host sync.
+    """
+    head_size = q.shape[-1]
+    rows = read_rows(kv_cache, block_table, num_pages)  # [P, pages, bs, H, C]
+    positions = page_positions(num_pages, kv_cache.shape[2], q.device)
+    keys = rows[..., :head_size]
+    values = rebuild_values(unrope(keys, positions, rotary), rows[..., head_size:].flatten(-2), proj)
+    layout = token_layout(query_start_loc, q.shape[0])
+    padded = pad_sequences(q, layout, seq_lens.shape[0], max_query_len)
+    # Query i of a sequence sits at position seq_len − query_len + i and sees keys up to it.
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    query_positions = (seq_lens - query_lens)[:, None] + torch.arange(max_query_len, device=q.device)
+    visible = positions.flatten()[None, None, :] <= query_positions[:, :, None]
+    visible[..., 0] = True  # padded query rows: any finite answer (they are dropped)
     out = F.scaled_dot_product_attention(
-        q.float().transpose(0, 1),
-        k.float().transpose(0, 1),
-        v.transpose(0, 1),
-        attn_mask=causal_mask(q_len, kv_len, k.device),
+        padded.transpose(1, 2),
+        keys.float().flatten(1, 2).transpose(1, 2),
+        values.flatten(1, 2).transpose(1, 2),
+        attn_mask=visible[:, None],
         scale=scale,
     )
-    return out.transpose(0, 1)
+    return out.transpose(1, 2)[layout]

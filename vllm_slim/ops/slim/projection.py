@@ -103,29 +103,9 @@ def solve_projection(
     )
 
 
-def cache_rows(k_raw: torch.Tensor, v: torch.Tensor, proj: SlimProjection) -> tuple[torch.Tensor, torch.Tensor]:
-    """What slim stores for new tokens: raw keys [T, H, D] (refined if the
-    projection refines) and spill S [T, r], float32, from the raw keys and
-    values [T, H, Dv] the model produced."""
-    k0 = k_raw.flatten(1).float()
-    v0 = v.flatten(1).float()
-    if proj.k_bias is not None:
-        k0 = k0 - proj.k_bias
-    if proj.v_bias is not None:
-        v0 = v0 - proj.v_bias
-    kv0 = torch.cat((k0, v0), dim=1)
-    keys = k_raw.float()
-    if proj.refine is not None:
-        keys = kv0 @ proj.refine
-        if proj.k_bias is not None:
-            keys = keys + proj.k_bias
-        keys = keys.view_as(k_raw)
-    return keys, kv0 @ proj.spill_in
-
-
 def rebuild_values(k_raw: torch.Tensor, spill: torch.Tensor | None, proj: SlimProjection) -> torch.Tensor:
-    """V [T, H, Dv] float32 from raw keys [T, H, D] and spill [T, r] (left form)."""
-    k0 = k_raw.flatten(1).float()
+    """V [..., H, Dv] float32 from raw keys [..., H, D] and spill [..., r] (left form)."""
+    k0 = k_raw.flatten(-2).float()
     if proj.k_bias is not None:
         k0 = k0 - proj.k_bias
     v = k0 @ proj.w_kv
@@ -133,4 +113,4 @@ def rebuild_values(k_raw: torch.Tensor, spill: torch.Tensor | None, proj: SlimPr
         v = v + spill.float() @ proj.w_sv
     if proj.v_bias is not None:
         v = v + proj.v_bias
-    return v.view(k_raw.shape[0], proj.num_heads, -1)
+    return v.unflatten(-1, (proj.num_heads, -1))

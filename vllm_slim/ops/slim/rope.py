@@ -23,16 +23,18 @@ class Rotary:
     rotary_dim: int
     neox: bool
 
+    def to(self, device) -> "Rotary":
+        return Rotary(self.cos_sin.to(device), self.rotary_dim, self.neox)
+
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, inverse: bool = False):
-    """Rotate x [T, H, D] by the angles of `positions` [T]; `inverse` undoes it.
-
-    Computes in float32 (float64 inputs stay float64)."""
+    """Rotate x [..., H, D] by the angles of `positions` (shape x.shape[:-2], or one that broadcasts
+    to it); `inverse` undoes it. Computes in float32 (float64 inputs stay float64)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = rotary.cos_sin.index_select(0, positions).to(dtype).chunk(2, dim=-1)
+    table = rotary.cos_sin.index_select(0, positions.flatten()).view(*positions.shape, -1)
+    cos, sin = table.to(dtype).unsqueeze(-2).chunk(2, dim=-1)
     if inverse:
         sin = -sin
-    cos, sin = cos[:, None, :], sin[:, None, :]
     rot, rest = x[..., : rotary.rotary_dim].to(dtype), x[..., rotary.rotary_dim :].to(dtype)
     if rotary.neox:
         x1, x2 = rot.chunk(2, dim=-1)
@@ -44,7 +46,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, inverse: bo
 
 
 def unrope(k: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
-    """Raw keys [T, H, D] (float32 or wider) from post-RoPE keys; identity without RoPE."""
+    """Raw keys [..., H, D] (float32 or wider) from post-RoPE keys; identity without RoPE."""
     if rotary is None:
         return k.to(torch.promote_types(k.dtype, torch.float32))
     return rotate(k, positions, rotary, inverse=True)

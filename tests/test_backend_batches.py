@@ -1,0 +1,305 @@
+"""Both backends through their own builder and impl on the 13 batch shapes of vLLM's attention-backend
+tests, in float32, bfloat16 and float16: slim against float64 softmax attention on V = X·W_V (and no
+worse than a stock cache of the same dtype), sata against float64 evaluation of its definition. The
+context is written by an earlier step, scattered over shuffled blocks; `positions` is left None."""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from batches import (
+    BATCH_SPECS,
+    BLOCK_SIZE,
+    HEAD_SIZE,
+    HEADS,
+    LAYER_NAME,
+    MAX_LEN,
+    Step,
+    attention_layer,
+    common_metadata,
+    engine_config,
+    rope_table,
+    run_step,
+    scattered_block_table,
+)
+from vllm_slim.fixtures.models import build_model
+from vllm_slim.ops.sata import truncated_exp
+from vllm_slim.ops.slim import Rotary, rotate
+from vllm_slim.ops.slim.policy import choose_layout
+
+aten = torch.ops.aten
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SATA_OPTIONS = {"plain": {"order": 3}, "hybrid": {"order": 3, "sink_tokens": 2, "window": 16}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A one-layer MHA Llama of the harness's shape: only its config is read."""
+    return build_model(
+        "llama", tmp_path_factory.mktemp("batches") / "llama", dtype="float32", hidden_size=HEADS * HEAD_SIZE,
+        num_heads=HEADS, num_layers=1, max_position=MAX_LEN,
+    )
+
+
+@pytest.fixture(scope="module")
+def layers(model_dir):
+    """(engine config, its attention layer) per (backend, dtype, options), built once: a config
+    registers each layer name once."""
+    built = {}
+
+    def get(backend: str, dtype: str, options: dict | None = None):
+        key = (backend, dtype, repr(options))
+        if key not in built:
+            config = engine_config(model_dir, backend, dtype, options and {backend: options})
+            built[key] = config, attention_layer(config)
+        return built[key]
+
+    return get
+
+
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((got.double() - reference).norm() / reference.norm()).item()
+
+
+def reference_rows(q, k, v, step: Step, weigh) -> torch.Tensor:
+    """Float64 attention of each sequence's query rows over its keys: weights weigh(logits, query
+    positions, key positions) (causal mask applied here), normalised. q/k/v per sequence."""
+    out = []
+    for (qi, ki, vi), context, n in zip(zip(q, k, v), step.context_lens, step.seq_lens):
+        query_pos, key_pos = torch.arange(context, n)[:, None], torch.arange(n)[None, :]
+        logits = torch.einsum("qhd,khd->hqk", qi.double(), ki.double()) * HEAD_SIZE**-0.5
+        weights = weigh(logits, query_pos, key_pos).masked_fill(key_pos > query_pos, 0.0)
+        out.append(torch.einsum("hqk,khd->qhd", weights / weights.sum(-1, keepdim=True), vi.double()))
+    return torch.cat(out)
+
+
+def sequences(step: Step, make, dtype):
+    """Per sequence (q of its query rows, k, v of all its tokens), from make(tokens, positions) ->
+    float64 q, k, v; returned in float64 and rounded to `dtype` (what the model hands over)."""
+    exact = [make(n, torch.arange(n)) for n in step.seq_lens]
+    exact = [(q[c:], k, v) for (q, k, v), c in zip(exact, step.context_lens)]
+    rounded = [tuple(x.to(dtype) for x in seq) for seq in exact]
+    return exact, rounded
+
+
+def batch_and_context(step: Step, rounded, block_table):
+    """This step's packed q, k, v and, for the sequences that have one, their context's k, v."""
+    q = torch.cat([s[0] for s in rounded])
+    k = torch.cat([s[1][c:] for s, c in zip(rounded, step.context_lens)])
+    v = torch.cat([s[2][c:] for s, c in zip(rounded, step.context_lens)])
+    held = [i for i, c in enumerate(step.context_lens) if c]
+    context = Step([step.context_lens[i] for i in held], [step.context_lens[i] for i in held])
+    context_kv = [torch.cat([rounded[i][j][: step.context_lens[i]] for i in held] or [k[:0]]) for j in (1, 2)]
+    return (q, k, v), (context, block_table[held], context_kv)
+
+
+def bind_random_weights(layer, seed=0):
+    """Bind a slim layer to random MHA weights (biases, NeoX RoPE) under the policy's own layout;
+    returns make(tokens, positions) -> that layer's float64 q, k, v for random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    d = HEADS * HEAD_SIZE
+    w = {n: torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 for n in "qkv"}
+    b = {n: 0.1 * torch.randn(d, generator=g, dtype=torch.float64) for n in "qkv"}
+    impl = layer.impl
+    layout, projections = choose_layout(
+        {LAYER_NAME: (w["k"], w["v"], b["k"], b["v"])}, HEADS, HEAD_SIZE, impl.model_dtype, impl.cache_torch_dtype,
+        False, impl.policy,
+    )
+    impl.bind(layer, layout, projections[LAYER_NAME], Rotary(rope_table(MAX_LEN, HEAD_SIZE), HEAD_SIZE, True))
+    rotary64 = Rotary(rope_table(MAX_LEN, HEAD_SIZE, dtype=torch.float64), HEAD_SIZE, True)
+
+    def make(tokens, positions):
+        x = torch.randn(tokens, d, generator=g, dtype=torch.float64)
+        q, k, v = ((x @ w[n] + b[n]).view(tokens, HEADS, HEAD_SIZE) for n in "qkv")
+        return rotate(q, positions, rotary64), rotate(k, positions, rotary64), v
+
+    return make
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("spec", list(BATCH_SPECS))
+def test_slim_batch_shapes_against_float64_attention(layers, spec, dtype):
+    config, layer = layers("slim", dtype)
+    make = bind_random_weights(layer)
+    step = Step(*BATCH_SPECS[spec])
+    exact, rounded = sequences(step, make, DTYPES[dtype])
+    block_table, num_blocks = scattered_block_table(step.seq_lens, BLOCK_SIZE)
+    page = layer.get_kv_cache_spec(config)
+    assert page.head_size_v == layer.impl.layout.spill_per_head < HEAD_SIZE  # K-only rows
+    # Stored token-major, as a [blocks, block, heads, row] allocation viewed head-major.
+    kv_cache = torch.zeros(num_blocks, BLOCK_SIZE, HEADS, page.head_size + page.head_size_v, dtype=page.dtype)
+    kv_cache = kv_cache.transpose(1, 2)
+    (q, k, v), (context, context_table, (context_k, context_v)) = batch_and_context(step, rounded, block_table)
+    if context.seq_lens:
+        cam = common_metadata(context, context_table, BLOCK_SIZE)
+        run_step(layer, config, cam, context_k, context_k, context_v, kv_cache, write_only=True)
+    out = run_step(layer, config, common_metadata(step, block_table, BLOCK_SIZE), q, k, v, kv_cache)
+
+    def softmax(logits, *_):
+        return (logits - logits.amax(-1, keepdim=True)).exp()
+
+    reference = reference_rows(*zip(*exact), step, softmax)
+    stock = reference_rows(*zip(*((qi.float(), ki.float(), vi.float()) for qi, ki, vi in rounded)), step, softmax)
+    slim_error, stock_error = relative_error(out, reference), relative_error(stock, reference)
+    # Within 2x of what the layout predicts against a stock cache (bfloat16: below it; float16, whose
+    # keys have no finer 16-bit dtype to be refined into, about 2x it: a server would refuse that
+    # layout under the default budget); float32: the layout's error floor.
+    layout = layer.impl.layout
+    predicted_ratio = max(1.0, layout.layers[0].error / layout.stock_error)
+    assert slim_error <= max(2 * predicted_ratio * stock_error, 1e-4), (slim_error, stock_error, predicted_ratio)
+
+
+@pytest.mark.parametrize("options", list(SATA_OPTIONS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("spec", list(BATCH_SPECS))
+def test_sata_batch_shapes_against_float64_series(layers, spec, dtype, options):
+    policy = SATA_OPTIONS[options]
+    config, layer = layers("sata", dtype, policy)
+    layer.impl.bind(layer, "cpu")
+    step = Step(*BATCH_SPECS[spec])
+    g = torch.Generator().manual_seed(1)
+
+    def make(tokens, positions):
+        return tuple(1.2 * torch.randn(tokens, HEADS, HEAD_SIZE, generator=g, dtype=torch.float64) for _ in "qkv")
+
+    _, rounded = sequences(step, make, DTYPES[dtype])
+    page = layer.get_kv_cache_spec(config)
+    num_blocks = len(step.seq_lens) + 2
+    # Garbage in every state block: a new sequence's state must be reset, not read.
+    kv_cache = torch.randint(-100, 100, (num_blocks, 1, 1, page.page_size_bytes), dtype=torch.int8)
+    block_table = torch.arange(2, 2 + len(step.seq_lens), dtype=torch.int32)[:, None]
+    (q, k, v), (context, context_table, (context_k, context_v)) = batch_and_context(step, rounded, block_table)
+    if context.seq_lens:
+        context_q = context_k  # any queries: only the state they leave behind matters
+        run_step(layer, config, common_metadata(context, context_table, MAX_LEN), context_q, context_k, context_v, kv_cache)
+    out = run_step(layer, config, common_metadata(step, block_table, MAX_LEN), q, k, v, kv_cache)
+
+    sinks, window = policy.get("sink_tokens", 0), policy.get("window", 0)
+
+    def series(logits, query_pos, key_pos):
+        exact = (key_pos < sinks) | (query_pos - key_pos < window)
+        return torch.where(exact, logits.exp(), truncated_exp(logits, policy["order"]))
+
+    reference = reference_rows(*zip(*rounded), step, series)
+    # The state and every product are float32; the output is rounded to the model's dtype.
+    assert relative_error(out, reference) <= 2 * torch.finfo(DTYPES[dtype]).eps + 1e-4
+
+
+# ---- what the GPU build needs, checked on the CPU ----
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on what would make a GPU step wait for the host, or a captured CUDA graph replay stale
+    data: reading a device tensor back (item, tolist, .cpu(), boolean-mask indexing) and, inside
+    forward, copying host data to the device (a copy, or a tensor made from host values). Run on
+    `meta` tensors, whose values do not exist."""
+
+    READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.item}
+
+    def __init__(self, phase: str):
+        super().__init__()
+        self.phase = phase
+        self.host_values = HostValuesOnDevice(phase)
+
+    def __enter__(self):
+        if self.phase == "forward":
+            self.host_values.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if self.phase == "forward":
+            self.host_values.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in self.READS and args[0].device.type == "meta":
+            raise AssertionError(f"{self.phase}: {func} reads a device tensor on the host")
+        if func.overloadpacket in (aten._to_copy, aten.copy_):
+            source = args[1] if func.overloadpacket is aten.copy_ else args[0]
+            target = args[0].device if func.overloadpacket is aten.copy_ else kwargs.get("device", source.device)
+            if source.device.type == "meta" and torch.device(target).type == "cpu":
+                raise AssertionError(f"{self.phase}: {func} copies a device tensor to the host")
+            if self.phase == "forward" and source.device.type == "cpu" and torch.device(target).type == "meta":
+                raise AssertionError(f"{self.phase}: {func} copies host data to the device")
+        return func(*args, **kwargs)
+
+
+class HostValuesOnDevice(TorchFunctionMode):
+    """torch.tensor / as_tensor of host values onto the device (below the dispatcher, so the
+    dispatch mode cannot see it)."""
+
+    def __init__(self, phase: str):
+        super().__init__()
+        self.phase = phase
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and torch.device(kwargs.get("device") or "cpu").type == "meta":
+            raise AssertionError(f"{self.phase}: {func.__name__} copies host values to the device")
+        return func(*args, **kwargs)
+
+
+def meta_step(step: Step, layer, config, kv_cache_shape, kv_cache_dtype, guard=NoHostSync):
+    """One step of `layer` with every device tensor on `meta` (the host's copies real), under guard."""
+    device = torch.device("meta")
+    block_table, _ = scattered_block_table(step.seq_lens, BLOCK_SIZE)
+    cam = common_metadata(step, block_table, BLOCK_SIZE, device, with_upper_bound=True)
+    tokens = sum(step.query_lens)
+    q, k, v = (torch.empty(tokens, HEADS, HEAD_SIZE, device=device) for _ in "qkv")
+    kv_cache = torch.empty(kv_cache_shape, dtype=kv_cache_dtype, device=device)
+    return run_step(layer, config, cam, q, k, v, kv_cache, guard=guard)
+
+
+MIXED = Step([40, 1, 300, 17, 64], [1, 1, 1, 17, 9])  # decodes first, then a prompt and a chunk
+
+
+def test_slim_step_reads_nothing_back_to_the_host(layers):
+    config, layer = layers("slim", "bfloat16")
+    bind_random_weights(layer)
+    impl = layer.impl
+    impl.projection, impl.rotary = impl.projection.to("meta"), impl.rotary.to("meta")
+    page = layer.get_kv_cache_spec(config)
+    shape = (64, HEADS, BLOCK_SIZE, page.head_size + page.head_size_v)
+    out = meta_step(MIXED, layer, config, shape, page.dtype)
+    assert out.device.type == "meta" and out.shape == (sum(MIXED.query_lens), HEADS, HEAD_SIZE)
+    # The guard can fail: a forward that reads a length back, or makes a tensor of host values, is caught.
+    with pytest.raises(AssertionError, match="reads a device tensor on the host"):
+        with NoHostSync("forward"):
+            int(torch.ones(3, device="meta").sum())
+    with pytest.raises(AssertionError, match="copies host values to the device"):
+        with NoHostSync("forward"):
+            torch.tensor(3, device="meta")
+
+
+def test_sata_step_reads_nothing_back_to_the_host(layers):
+    config, layer = layers("sata", "bfloat16", SATA_OPTIONS["hybrid"])
+    layer.impl.bind(layer, "meta")
+    page = layer.get_kv_cache_spec(config)
+    out = meta_step(MIXED, layer, config, (16, 1, 1, page.page_size_bytes), torch.int8)
+    assert out.device.type == "meta" and out.shape == (sum(MIXED.query_lens), HEADS, HEAD_SIZE)
+
+
+def test_each_model_pages_by_its_own_layout(layers):
+    """Two models in one process (a draft beside its target, two engines): each layer's page follows
+    its own model's layout, whichever was bound last."""
+    config32, layer32 = layers("slim", "float32")
+    config16, layer16 = layers("slim", "bfloat16")
+    bind_random_weights(layer32, seed=3)
+    bind_random_weights(layer16, seed=4)
+    for config, layer in ((config32, layer32), (config16, layer16)):
+        layout, page = layer.impl.layout, layer.get_kv_cache_spec(config)
+        assert (page.head_size_v, page.dtype) == (layout.spill_per_head, layout.store_dtype)
+    assert layer32.get_kv_cache_spec(config32).dtype == torch.float32
+    assert layer16.get_kv_cache_spec(config16).dtype == torch.float16  # refined keys for bfloat16
+    assert not hasattr(layer32.get_attn_backend(), "layout")  # nothing per model on the class
+
+
+@pytest.mark.parametrize("backend", ["slim", "sata"])
+def test_speculative_decoding_is_refused_at_start_up(model_dir, backend):
+    config = engine_config(model_dir, backend, "float32", speculative_config={
+        "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+    })
+    with pytest.raises(ValueError, match=r"speculative decoding \(ngram, 2 tokens\): .*(rejected draft)"):
+        attention_layer(config)
