@@ -68,9 +68,9 @@ def cache_geometry(server) -> tuple[int, int]:
     return int(info["num_gpu_blocks"]), int(info["block_size"])
 
 
-def stock_capacity(num_blocks: int, block_bytes: int, block_size: int, stock_per_token: int) -> int:
-    """Tokens the stock cache holds in the same memory, in whole blocks of block_size tokens."""
-    return num_blocks * block_bytes // (block_size * stock_per_token) * block_size
+def stock_capacity(num_blocks: int, block_bytes: int, block_size: int, stock_per_token: int, map_bytes: int = 0) -> int:
+    """Tokens the stock cache holds in the same memory (slim's value maps' too), in whole blocks."""
+    return (num_blocks * block_bytes + map_bytes) // (block_size * stock_per_token) * block_size
 
 
 def start_long_request(server, max_tokens: int = LONG_REQUEST_TOKENS) -> Future:
@@ -100,12 +100,16 @@ def test_slim_gauges_equal_the_layout_worked_out_from_config(servers, trained_mo
     layers, heads, d = config["layers"], config["kv_heads"], config["head_size"]
     stock = layers * heads * 2 * d * 2  # bf16 K and V
     ours = layers * heads * (d + 2) * 2  # float16 K plus 2 spill coordinates per head
+    # float32 W_KV [w, w], refinement [2w, w], spill-in [2w, r], W_SV [r, w] per layer (w = heads x d)
+    width, spill = heads * d, heads * 2
+    maps = layers * 4 * (width * width + 2 * width * width + 2 * width * spill + spill * width)
     num_blocks, block_size = cache_geometry(server)
     assert gauge(server, "vllm_slim_kv_cache_bytes_per_token") == ours
     assert gauge(server, "vllm_slim_stock_kv_cache_bytes_per_token") == stock
     assert gauge(server, "vllm_slim_kv_cache_capacity_tokens") == num_blocks * block_size
+    assert gauge(server, "vllm_slim_value_map_bytes") == maps
     assert gauge(server, "vllm_slim_stock_kv_cache_capacity_tokens") == stock_capacity(
-        num_blocks, ours * block_size, block_size, stock
+        num_blocks, ours * block_size, block_size, stock, maps
     )
     assert "vllm_slim_sata_state_bytes_per_sequence" not in {s.name for s in scrape(server)}  # sata's gauges only for sata
 

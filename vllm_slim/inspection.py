@@ -20,7 +20,7 @@ from vllm_slim.backends.weights import QK_NORM_NAMES, QKV_LAYOUTS, key_value_row
 from vllm_slim.ops.sata import is_positive_order
 from vllm_slim.ops.sata.policy import SataPolicy, break_even_tokens, sequence_state_bytes, stock_bytes_per_token
 from vllm_slim.ops.slim import SlimNotApplicable
-from vllm_slim.ops.slim.policy import SlimLayout, SlimPolicy, choose_layout
+from vllm_slim.ops.slim.policy import SlimLayout, SlimPolicy, choose_layout, net_capacity_gain
 
 DTYPES = {
     "half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -339,6 +339,10 @@ def human_bytes(count: int) -> str:
     return f"{count:,} B" if unit == "B" else f"{value:.2f} {unit} ({count:,} B)"
 
 
+# Cache sizes the net capacity gain is shown at (a small GPU's and a large one's).
+NET_GAIN_CACHES_GIB = (8, 40)
+
+
 def layout_line(layout: SlimLayout) -> str:
     """The policy's own summary line (the last line of the table the backend logs at start-up)."""
     return layout.table().splitlines()[-1]
@@ -389,6 +393,11 @@ def format_report(report: InspectReport) -> str:
         lines.append(
             f"slim: KV cache per token, all layers: stock {stock:,} B, slim {slim:,} B -> capacity gain "
             f"{served_layout.capacity_gain:.3f}x the stock backend's tokens in the same memory"
+        )
+        net = {gib: net_capacity_gain(served_layout, slim, stock, gib * 2**30) for gib in NET_GAIN_CACHES_GIB}
+        lines.append(
+            f"slim: its value maps take {human_bytes(served_layout.map_bytes)} of that memory: net gain "
+            + ", ".join(f"{gain:.2f}x with {gib} GiB for the cache" for gib, gain in net.items())
         )
     lines.append("")
 

@@ -23,7 +23,11 @@ GAUGES = {
         "Tokens our cache holds at the configured memory (num_gpu_blocks x tokens per block; sata: "
         "sequences x max_model_len).", []),
     "vllm_slim_stock_kv_cache_capacity_tokens": (
-        "Tokens the stock cache would hold in the same memory.", []),
+        "Tokens the stock cache would hold in the same memory (the KV cache's, plus slim's value maps, "
+        "which the stock backend does not need).", []),
+    "vllm_slim_value_map_bytes": (
+        "Slim: bytes its per-layer value maps (W_KV, refinement, spill) hold, all layers, taken from the "
+        "memory the KV cache would otherwise have.", []),
     "vllm_slim_kv_cache_saved_bytes": (
         "Bytes saved now against the stock cache for the sequences held (negative for sata below its "
         "break-even length).", []),

@@ -38,6 +38,7 @@ class CacheReport:
     stock_bytes_per_token: int  # all layers: K and V of every KV head in the stock cache dtype
     state_bytes_per_sequence: int | None = None  # sata: one sequence's state, all layers
     layers: list[LayerReport] = field(default_factory=list)
+    map_bytes: int = 0  # slim: every layer's value maps (memory the stock cache would have had)
 
     @classmethod
     def from_json(cls, text: str) -> "CacheReport":
@@ -95,4 +96,5 @@ def merge_stages(stages: list[CacheReport]) -> CacheReport:
         stock_bytes_per_token=sum(stage.stock_bytes_per_token for stage in stages),
         state_bytes_per_sequence=None if None in per_sequence else sum(per_sequence),
         layers=[layer for stage in stages for layer in stage.layers],
+        map_bytes=sum(stage.map_bytes for stage in stages),
     )

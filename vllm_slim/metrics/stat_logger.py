@@ -72,12 +72,15 @@ class SlimStatLogger(StatLoggerBase):
         report, block_size = self.report, self.cache_config.block_size
         num_blocks = self.cache_config.num_gpu_blocks
         tokens_per_block = self.max_model_len if report.backend == "sata" else block_size
-        stock_blocks = num_blocks * self._block_bytes() // (block_size * report.stock_bytes_per_token)
+        # The stock backend would have the cache's memory and slim's value maps' too.
+        stock_blocks = (num_blocks * self._block_bytes() + report.map_bytes) // (block_size * report.stock_bytes_per_token)
         self._set("vllm_slim_kv_cache_bytes_per_token", report.bytes_per_token)
         self._set("vllm_slim_stock_kv_cache_bytes_per_token", report.stock_bytes_per_token)
         self._set("vllm_slim_kv_cache_capacity_tokens", num_blocks * tokens_per_block)
         self._set("vllm_slim_stock_kv_cache_capacity_tokens", stock_blocks * block_size)
         self._set("vllm_slim_kv_cache_saved_bytes", 0)
+        if report.backend == "slim":
+            self._set("vllm_slim_value_map_bytes", report.map_bytes)
         if report.state_bytes_per_sequence is not None:
             self._set("vllm_slim_sata_state_bytes_per_sequence", report.state_bytes_per_sequence)
             self._set("vllm_slim_sata_state_bytes", 0)

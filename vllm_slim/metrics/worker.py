@@ -43,6 +43,7 @@ def publish_cache_report(model: torch.nn.Module, vllm_config: VllmConfig) -> Non
         ),
         state_bytes_per_sequence=sum(spec.page_size_bytes for spec in specs) if name == "SATA" else None,
         layers=[_layer_report(layer) for layer in layers],
+        map_bytes=sum(layer.impl.projection.map_bytes for layer in layers if getattr(layer.impl, "projection", None)),
     )
     engine = vllm_config.parallel_config.data_parallel_rank
     path = publish(report, engine, get_pp_group().rank_in_group)

@@ -1,16 +1,19 @@
 """Decode form, batched over a step's decodes: the reordered product (softmax·K)·W_KV of the paper's §2.
 
-For B sequences with one query each, read from the paged cache a split of pages at a time
-(flash-decoding: each split keeps its own softmax statistics, the splits are merged by
-log-sum-exp), so the working set is one split, never the whole context:
-scores from the post-RoPE keys; Z = P·K_raw, one (H × L)·(L × d) product per sequence over the
-key row (shared by all heads); then each head maps its d-wide Z row through its own W_KV block,
-one batched product per layer for the whole batch (W_KV read once). No V is ever materialised:
-(1 + H)·L·d multiply-adds per query where stock attention does 2·L·d.
+For B sequences with one query each: scores from the post-RoPE keys; Z = P·K_raw, one (H × L)·(L × d)
+product per sequence over the key row (shared by all heads); then each head maps its d-wide Z row
+through its own W_KV block, one batched product per layer for the whole batch (W_KV read once).
+No V is ever materialised: (1 + H)·L·d multiply-adds per query where stock attention does 2·L·d.
+
+Z comes from one of two forms with one contract (`decode_rows`):
+- torch: a split of pages at a time (flash-decoding: each split keeps its own softmax statistics,
+  the splits are merged by log-sum-exp), so the working set is one split, never the whole context;
+- fused (`cpu_kernel`, the CPU's default when a C compiler is there): each row read in place.
 """
 
 import torch
 
+from vllm_slim.ops.slim import cpu_kernel
 from vllm_slim.ops.slim.cache import page_positions, read_rows
 from vllm_slim.ops.slim.projection import SlimProjection
 from vllm_slim.ops.slim.rope import Rotary, unrope
@@ -34,14 +37,46 @@ def paged_decode_slim_attention(
     rotary: Rotary | None,
     scale: float,
     split_pages: int | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its cached rows (the query's own row included).
 
     q [B, H, D] post-RoPE; kv_cache [num_blocks, H, block_size, D + r_h]; block_table [B, >= num_pages];
     seq_lens [B] cached tokens per sequence, at most num_pages·block_size (a padded row may give 0:
-    its output is finite and meaningless); split_pages: pages per split (default: all in one).
-    Returns [B, H, Dv] float32. No host sync.
+    its output is finite and meaningless); split_pages: the torch form's pages per split (default:
+    all in one); fused: the fused CPU form (default: where it can run). Returns [B, H, Dv] float32.
+    The torch form does no host sync.
     """
+    if fused is None:
+        fused = cpu_kernel.supports(kv_cache, q.shape[1])
+    if fused:
+        z, z_spill = cpu_kernel.fused_decode_rows(
+            q, kv_cache, block_table, seq_lens, None if rotary is None else rotary.cos_sin,
+            0 if rotary is None else rotary.rotary_dim, rotary is not None and rotary.neox, scale,
+        )
+    else:
+        z, z_spill = decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages)
+    # Σ_l P_l·(K_raw,l − b_K) = Z − b_K, since each row of P sums to 1.
+    if proj.k_bias is not None:
+        z = z - proj.k_bias
+    out = per_head_product(z, proj.w_kv)
+    if proj.spill:
+        out = out + per_head_product(z_spill, proj.w_sv)
+    if proj.v_bias is not None:
+        out = out + proj.v_bias.view(proj.num_heads, -1)
+    return out
+
+
+def per_head_product(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[B, H, Dv]: head h's row z[:, h] times head h's columns of weight [n, H·Dv], one batched product
+    (a strided view of the weight, no copy)."""
+    heads = z.shape[1]
+    per_head = weight.view(weight.shape[0], heads, -1).transpose(0, 1)  # [H, n, Dv]
+    return torch.bmm(z.transpose(0, 1), per_head).transpose(0, 1)
+
+
+def decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages=None):
+    """Normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R] (torch form, by splits)."""
     split_pages = max(1, split_pages or num_pages)
     # Position 0 always counts, so every row (padding too) has a finite softmax.
     seq_lens = seq_lens.clamp_min(1)
@@ -49,17 +84,7 @@ def paged_decode_slim_attention(
         _decode_split(q, kv_cache, block_table[:, first : first + split_pages], seq_lens, first, rotary, scale)
         for first in range(0, max(num_pages, 1), split_pages)
     ]
-    z, z_spill = merge_splits(splits)
-    # Σ_l P_l·(K_raw,l − b_K) = Z − b_K, since each row of P sums to 1.
-    if proj.k_bias is not None:
-        z = z - proj.k_bias
-    heads = proj.num_heads
-    out = torch.einsum("bhd,hde->bhe", z, proj.w_kv.view(z.shape[-1], heads, -1).transpose(0, 1))
-    if proj.spill:
-        out = out + torch.einsum("bhr,hre->bhe", z_spill, proj.w_sv.view(proj.spill, heads, -1).transpose(0, 1))
-    if proj.v_bias is not None:
-        out = out + proj.v_bias.view(heads, -1)
-    return out
+    return merge_splits(splits)
 
 
 def _decode_split(q, kv_cache, block_table, seq_lens, first_page, rotary, scale):

@@ -115,6 +115,7 @@ class SlimLayout:
     stock_error: float  # the stock cache's relative V error
     error_budget: float
     layers: list[LayerNumerics] = field(default_factory=list)
+    map_bytes: int = 0  # every layer's value maps: memory the KV cache no longer has
 
     @property
     def within_budget(self) -> bool:
@@ -130,6 +131,10 @@ class SlimLayout:
                 f"{layer.name:<36} {layer.cond:>10.3g} {layer.error_naive:>12.2e}"
                 f" {layer.error:>11.2e} {layer.error / self.stock_error:>8.2f}"
             )
+        lines.append(
+            f"value maps (float32 W_KV{', refinement' if self.refine else ''}, spill maps): "
+            f"{self.map_bytes / 2**20:.2f} MiB over {len(self.layers)} layers, taken from the KV cache's memory"
+        )
         lines.append(
             f"layout: {self.describe()} -> capacity {self.capacity_gain:.3f}x stock; stock V err"
             f" {self.stock_error:.2e}, budget {self.error_budget:.2e}:"
@@ -179,8 +184,14 @@ def choose_layout(
             numerics.append(LayerNumerics(name, naive[name][0], naive[name][1], error))
         layout = SlimLayout(
             spill_per_head, store, refine, capacity_gain(head_size, spill_per_head),
-            stock_error, budget, numerics,
+            stock_error, budget, numerics, sum(proj.map_bytes for proj in projections.values()),
         )
         if layout.within_budget:
             break
     return layout, projections
+
+
+def net_capacity_gain(layout: SlimLayout, slim_bytes_per_token: int, stock_bytes_per_token: int, cache_bytes: int) -> float:
+    """Tokens slim holds per stock token when both have `cache_bytes` of memory and slim's value maps
+    come out of it."""
+    return (cache_bytes - layout.map_bytes) / slim_bytes_per_token / (cache_bytes / stock_bytes_per_token)

@@ -55,6 +55,14 @@ class SlimProjection:
     def spill(self) -> int:
         return self.w_sv.shape[0]
 
+    @property
+    def map_bytes(self) -> int:
+        """Memory the layer's maps hold (all float32: `benchmarks/results/slim_map_precision.md`
+        measured float16 W_KV at up to 2.3x and float16 refinement at up to 1.7x the stock cache's
+        error, against 1.33x in float32; bfloat16 at 8-15x)."""
+        maps = (self.w_kv, self.w_sv, self.spill_in, self.refine)
+        return sum(m.numel() * m.element_size() for m in maps if m is not None)
+
     def to(self, device) -> "SlimProjection":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SlimProjection(

@@ -29,20 +29,28 @@ class Rotary:
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, inverse: bool = False):
     """Rotate x [..., H, D] by the angles of `positions` (shape x.shape[:-2], or one that broadcasts
-    to it); `inverse` undoes it. Computes in float32 (float64 inputs stay float64)."""
+    to it); `inverse` undoes it. Computes in float32 (float64 inputs stay float64), writing each half
+    of every pair once into the result (no temporaries the size of x)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    table = rotary.cos_sin.index_select(0, positions.flatten()).view(*positions.shape, -1)
-    cos, sin = table.to(dtype).unsqueeze(-2).chunk(2, dim=-1)
-    if inverse:
-        sin = -sin
-    rot, rest = x[..., : rotary.rotary_dim].to(dtype), x[..., rotary.rotary_dim :].to(dtype)
+    table = rotary.cos_sin.index_select(0, positions.flatten()).view(*positions.shape, 1, -1).to(dtype)
+    cos, sin = table.chunk(2, dim=-1)
+    x = x.to(dtype)
+    dim = rotary.rotary_dim
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if dim < x.shape[-1]:
+        out[..., dim:] = x[..., dim:]  # partial rotary: the tail passes through
     if rotary.neox:
-        x1, x2 = rot.chunk(2, dim=-1)
-        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        pairs = (slice(0, dim // 2), slice(dim // 2, dim))
     else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat((rot, rest), dim=-1)
+        pairs = (slice(0, dim, 2), slice(1, dim, 2))
+    x1, x2 = x[..., pairs[0]], x[..., pairs[1]]
+    out1, out2 = out[..., pairs[0]], out[..., pairs[1]]
+    sign = -1 if inverse else 1
+    torch.mul(x1, cos, out=out1)
+    out1.addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2)
+    out2.addcmul_(x1, sin, value=sign)
+    return out
 
 
 def unrope(k: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
