@@ -31,6 +31,8 @@ from vllm_slim.ops.slim.policy import choose_layout
 aten = torch.ops.aten
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SATA_OPTIONS = {"plain": {"order": 3}, "hybrid": {"order": 3, "sink_tokens": 2, "window": 16}}
+# sata's state grows as head_size^2 (order 3): a smaller head keeps its 4,096-token steps quick.
+SATA_HEAD_SIZE = 16
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def layers(model_dir):
         key = (backend, dtype, repr(options))
         if key not in built:
             config = engine_config(model_dir, backend, dtype, options and {backend: options})
-            built[key] = config, attention_layer(config)
+            built[key] = config, attention_layer(config, SATA_HEAD_SIZE if backend == "sata" else HEAD_SIZE)
         return built[key]
 
     return get
@@ -68,7 +70,7 @@ def reference_rows(q, k, v, step: Step, weigh) -> torch.Tensor:
     out = []
     for (qi, ki, vi), context, n in zip(zip(q, k, v), step.context_lens, step.seq_lens):
         query_pos, key_pos = torch.arange(context, n)[:, None], torch.arange(n)[None, :]
-        logits = torch.einsum("qhd,khd->hqk", qi.double(), ki.double()) * HEAD_SIZE**-0.5
+        logits = torch.einsum("qhd,khd->hqk", qi.double(), ki.double()) * qi.shape[-1] ** -0.5
         weights = weigh(logits, query_pos, key_pos).masked_fill(key_pos > query_pos, 0.0)
         out.append(torch.einsum("hqk,khd->qhd", weights / weights.sum(-1, keepdim=True), vi.double()))
     return torch.cat(out)
@@ -150,8 +152,7 @@ def test_slim_batch_shapes_against_float64_attention(layers, spec, dtype):
     assert slim_error <= max(2 * predicted_ratio * stock_error, 1e-4), (slim_error, stock_error, predicted_ratio)
 
 
-@pytest.mark.parametrize("options", list(SATA_OPTIONS))
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype,options", [(dtype, "plain") for dtype in DTYPES] + [("float32", "hybrid")])
 @pytest.mark.parametrize("spec", list(BATCH_SPECS))
 def test_sata_batch_shapes_against_float64_series(layers, spec, dtype, options):
     policy = SATA_OPTIONS[options]
@@ -161,7 +162,7 @@ def test_sata_batch_shapes_against_float64_series(layers, spec, dtype, options):
     g = torch.Generator().manual_seed(1)
 
     def make(tokens, positions):
-        return tuple(1.2 * torch.randn(tokens, HEADS, HEAD_SIZE, generator=g, dtype=torch.float64) for _ in "qkv")
+        return tuple(1.2 * torch.randn(tokens, HEADS, SATA_HEAD_SIZE, generator=g, dtype=torch.float64) for _ in "qkv")
 
     _, rounded = sequences(step, make, DTYPES[dtype])
     page = layer.get_kv_cache_spec(config)
@@ -243,11 +244,12 @@ class HostValuesOnDevice(TorchFunctionMode):
 
 def meta_step(step: Step, layer, config, kv_cache_shape, kv_cache_dtype, guard=NoHostSync):
     """One step of `layer` with every device tensor on `meta` (the host's copies real), under guard."""
+    head_size = layer.head_size
     device = torch.device("meta")
     block_table, _ = scattered_block_table(step.seq_lens, BLOCK_SIZE)
     cam = common_metadata(step, block_table, BLOCK_SIZE, device, with_upper_bound=True)
     tokens = sum(step.query_lens)
-    q, k, v = (torch.empty(tokens, HEADS, HEAD_SIZE, device=device) for _ in "qkv")
+    q, k, v = (torch.empty(tokens, HEADS, head_size, device=device) for _ in "qkv")
     kv_cache = torch.empty(kv_cache_shape, dtype=kv_cache_dtype, device=device)
     return run_step(layer, config, cam, q, k, v, kv_cache, guard=guard)
 
@@ -278,7 +280,7 @@ def test_sata_step_reads_nothing_back_to_the_host(layers):
     layer.impl.bind(layer, "meta")
     page = layer.get_kv_cache_spec(config)
     out = meta_step(MIXED, layer, config, (16, 1, 1, page.page_size_bytes), torch.int8)
-    assert out.device.type == "meta" and out.shape == (sum(MIXED.query_lens), HEADS, HEAD_SIZE)
+    assert out.device.type == "meta" and out.shape == (sum(MIXED.query_lens), HEADS, SATA_HEAD_SIZE)
 
 
 def test_each_model_pages_by_its_own_layout(layers):

@@ -143,13 +143,13 @@ def test_even_order_refused(models, refused_startup):
 @pytest.mark.server
 def test_order_too_large_for_memory_refused_with_one_that_fits(models, refused_startup):
     log = refused_startup(models("llama", **SMALL), *SATA, "--additional-config", '{"sata": {"order": 13}}')
-    match = re.search(r"sata: one sequence's state at order 13 needs ([\d.]+) GiB .*; the cache has "
-                      r"([\d.]+) GiB and must hold two .*; order (\d+) would fit", log)
+    match = re.search(r"sata: one sequence's state at order 13 needs ([\d.,]+) MiB .*; the cache has "
+                      r"([\d.,]+) MiB and must hold two .*; order (\d+) would fit", log)
     assert match, log[-3000:]
-    needed, available, fitting = float(match[1]), float(match[2]), int(match[3])
+    needed, available, fitting = float(match[1].replace(",", "")), float(match[2].replace(",", "")), int(match[3])
     # 2 layers x 4 KV heads x C(16+12, 12) features x (16 + 1) floats x 4 bytes
-    assert needed == round(2 * 4 * math.comb(28, 12) * 17 * 4 / 2**30, 2)
+    assert needed == round(2 * 4 * math.comb(28, 12) * 17 * 4 / 2**20, 1)
     assert 2 * needed > available
-    fits = 2 * (2 * 4 * math.comb(16 + fitting - 1, fitting - 1) * 17 * 4) / 2**30 <= available
-    larger_fits = 2 * (2 * 4 * math.comb(16 + fitting + 1, fitting + 1) * 17 * 4) / 2**30 <= available
+    fits = 2 * (2 * 4 * math.comb(16 + fitting - 1, fitting - 1) * 17 * 4) / 2**20 <= available
+    larger_fits = 2 * (2 * 4 * math.comb(16 + fitting + 1, fitting + 1) * 17 * 4) / 2**20 <= available
     assert fits and not larger_fits

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vllm_slim.ops.sata import chunk_sata_varlen, feature_size, naive_hybrid_sata_attention, naive_sata_attention, state_size
+from vllm_slim.ops.sata.cpu_kernel import fused_decode_sata
 
 
 def run_steps(sequences, steps, num_kv_heads, head_size, options, num_pages=9, chunk_size=5):
@@ -82,3 +83,22 @@ def test_padded_rows_and_other_pages_are_left_alone():
     torch.testing.assert_close(out.double(), naive_sata_attention(q.double(), k.double(), v.double()), rtol=2e-5, atol=2e-5)
     assert torch.equal(pages[[1, 3]], before[[1, 3]])
     assert feature_size(head_size, 3) * (head_size + 1) == floats
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_size,order", [(4, 4, 8, 3), (4, 2, 8, 1), (2, 1, 16, 5), (8, 8, 16, 3)])
+def test_fused_cpu_decode_equals_the_chunk_form(heads, kv_heads, head_size, order):
+    """The fused CPU decode (one token per sequence, states in place) against the chunk form on the same
+    pages: states carried, a state reset (its page holding garbage), a padded row on the null block."""
+    floats = state_size(head_size, head_size, order)
+    g = torch.Generator().manual_seed(order)
+    pages = torch.randn(6, kv_heads, floats, generator=g)
+    context = torch.tensor([5, 0, 9, 0])  # the second starts afresh on garbage; the last is padding
+    indices = torch.tensor([3, 1, 4, 0])
+    q, k, v = (torch.randn(4, h, head_size, generator=g) for h in (heads, kv_heads, kv_heads))
+    reference_pages = pages.clone()
+    chunk = chunk_sata_varlen(
+        q, k, v, torch.arange(5), context, 1, reference_pages, indices, context == 0, head_size**-0.5, order=order
+    )
+    fused = fused_decode_sata(q, k, v, pages, indices, context == 0, head_size**-0.5, order)
+    torch.testing.assert_close(fused[:3], chunk[:3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pages[1:], reference_pages[1:], rtol=1e-5, atol=1e-5)  # the null block aside

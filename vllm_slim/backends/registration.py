@@ -288,7 +288,7 @@ def _sata_memory_message(vllm_config, layer_specs: dict, available: int) -> str 
         if fitting else "no order fits: give the cache more memory"
     )
     return (
-        f"sata: one sequence's state at order {order} needs {needed / 2**30:.2f} GiB "
+        f"sata: one sequence's state at order {order} needs {needed / 2**20:,.1f} MiB "
         f"({len(shapes)} layers x {shapes[0][0]} KV heads of {head_size}); the cache has "
-        f"{available / 2**30:.2f} GiB and must hold two (vLLM keeps one block aside); {advice}"
+        f"{available / 2**20:,.1f} MiB and must hold two (vLLM keeps one block aside); {advice}"
     )

@@ -9,7 +9,8 @@ recent tokens, kept in the same fixed-size state, and the series for everything 
 
 Per step the builder gathers each request's state block into a persistent index buffer and the
 tokens each state already holds (all on the device); `forward` runs one batched chunk form over
-every sequence of the step, prefills and decodes alike, reading and writing each state once.
+every sequence of the step, prefills and decodes alike (on the CPU, a step of decodes alone runs the
+fused loop of `ops/sata/cpu_decode.c`, each state read and written once in place).
 """
 
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
 from vllm_slim.backends.common import DecoderAttentionBackend, bind_cache_spec, unsupported_features
 from vllm_slim.ops.sata import chunk_sata_varlen, state_size
+from vllm_slim.ops.sata import cpu_kernel as sata_cpu
 from vllm_slim.ops.sata.basis import feature_tables
 from vllm_slim.ops.sata.policy import SataNotApplicable, SataPolicy, state_report
 from vllm_slim.ops.slim.cache import NULL_BLOCK
@@ -181,10 +183,17 @@ class SataAttentionImpl(AttentionImpl):
             return output
         md, n = attn_metadata, attn_metadata.num_tokens
         pages = kv_cache.view(kv_cache.shape[0], self.num_kv_heads, -1).view(torch.float32)  # raw int8 pages
-        output[:n] = chunk_sata_varlen(
-            query[:n], key[:n], value[:n], md.query_start_loc, md.context_lens, md.max_query_len, pages,
-            md.state_indices, md.reset, self.scale, self.policy.order, self.policy.sink_tokens, self.policy.window,
-        ).view(n, self.num_heads, -1).to(output.dtype)
+        if md.max_query_len == 1 and sata_cpu.supports(pages, self.policy.window):
+            # Decodes only, on the CPU: each state read and written once, in place.
+            out = sata_cpu.fused_decode_sata(
+                query[:n], key[:n], value[:n], pages, md.state_indices, md.reset, self.scale, self.policy.order
+            )
+        else:
+            out = chunk_sata_varlen(
+                query[:n], key[:n], value[:n], md.query_start_loc, md.context_lens, md.max_query_len, pages,
+                md.state_indices, md.reset, self.scale, self.policy.order, self.policy.sink_tokens, self.policy.window,
+            )
+        output[:n] = out.view(n, self.num_heads, -1).to(output.dtype)
         return output
 
 
