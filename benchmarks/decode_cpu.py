@@ -61,7 +61,7 @@ def layers_for(root: Path, heads: int, head_size: int, with_sata: bool):
         config = engine_config(model, backend, "bfloat16", BLOCK_SIZE, 16384)
         made[backend] = config, attention_layer(config, heads, head_size)
     if with_sata:
-        made["sata"][1].impl.bind(made["sata"][1], "cpu")
+        made["sata"][1].impl.bind(made["sata"][1])
     config, slim = made["slim"]
     g = torch.Generator().manual_seed(0)
     w_k, w_v = (torch.randn(hidden, hidden, generator=g, dtype=torch.float64) / hidden**0.5 for _ in "kv")

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_slim.fixtures.models import build_model
 from vllm_slim.serving import Server
@@ -42,6 +43,12 @@ def core_binding() -> dict[str, str]:
     if worker is None:
         return {}
     return {"VLLM_CPU_OMP_THREADS_BIND": str(int(worker.removeprefix("gw")) % os.cpu_count())}
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One compute thread per worker for in-process torch too: two spinning threads per worker on
+    # two cores, beside the other worker's server, made the in-process tests ten times slower.
+    torch.set_num_threads(1)
 
 
 class ServerPool:

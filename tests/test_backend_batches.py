@@ -157,7 +157,7 @@ def test_slim_batch_shapes_against_float64_attention(layers, spec, dtype):
 def test_sata_batch_shapes_against_float64_series(layers, spec, dtype, options):
     policy = SATA_OPTIONS[options]
     config, layer = layers("sata", dtype, policy)
-    layer.impl.bind(layer, "cpu")
+    layer.impl.bind(layer)
     step = Step(*BATCH_SPECS[spec])
     g = torch.Generator().manual_seed(1)
 
@@ -277,7 +277,7 @@ def test_slim_step_reads_nothing_back_to_the_host(layers):
 
 def test_sata_step_reads_nothing_back_to_the_host(layers):
     config, layer = layers("sata", "bfloat16", SATA_OPTIONS["hybrid"])
-    layer.impl.bind(layer, "meta")
+    layer.impl.bind(layer)
     page = layer.get_kv_cache_spec(config)
     out = meta_step(MIXED, layer, config, (16, 1, 1, page.page_size_bytes), torch.int8)
     assert out.device.type == "meta" and out.shape == (sum(MIXED.query_lens), HEADS, SATA_HEAD_SIZE)

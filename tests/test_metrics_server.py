@@ -9,10 +9,10 @@ import re
 import shutil
 import subprocess
 import threading
-from concurrent.futures import Future
 import time
 import urllib.parse
 import urllib.request
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -25,16 +25,14 @@ from vllm_slim.serving import free_port
 
 pytestmark = pytest.mark.server
 
-SLIM_ARGS = ("--attention-backend", "slim", "--dtype", "bfloat16",
+# Long enough that the live tests' requests hold many blocks and pass sata's break-even length (579
+# tokens on the fixture); sata's state does not grow with the context, so a long limit costs it nothing.
+MAX_MODEL_LEN = 16384
+LONG_REQUEST_TOKENS = 2000
+SLIM_ARGS = ("--attention-backend", "slim", "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN),
              "--additional-config", json.dumps({"slim": {"spill_per_head": 2}}))
-# Default order 3; room for a request well past the break-even length (579 tokens on the fixture).
-SATA_MAX_MODEL_LEN = 2048
-SATA_ARGS = ("--attention-backend", "sata", "--max-model-len", str(SATA_MAX_MODEL_LEN))
+SATA_ARGS = ("--attention-backend", "sata", "--max-model-len", str(MAX_MODEL_LEN))
 SATA_ORDER = 3
-# On 2 shared cores the API server answers /metrics slowly under load (seconds at times): requests
-# run long enough for several samples in each phase.
-LONG_REQUEST_TOKENS = 1000  # of the 1024 the slim server's max_model_len allows
-SATA_REQUEST_TOKENS = 2000
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +43,17 @@ def config(trained_model) -> dict:
         "kv_heads": raw["num_key_value_heads"],
         "head_size": raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
     }
+
+
+@pytest.fixture(scope="module")
+def long_model(trained_model, tmp_path_factory) -> Path:
+    """The trained model with positions up to MAX_MODEL_LEN (its RoPE extends; the metrics count
+    tokens, whatever they say)."""
+    model = tmp_path_factory.mktemp("long-model") / trained_model.name
+    shutil.copytree(trained_model, model)
+    raw = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**raw, "max_position_embeddings": MAX_MODEL_LEN}))
+    return model
 
 
 def scrape(server) -> list:
@@ -73,13 +82,22 @@ def stock_capacity(num_blocks: int, block_bytes: int, block_size: int, stock_per
     return (num_blocks * block_bytes + map_bytes) // (block_size * stock_per_token) * block_size
 
 
-def start_long_request(server, max_tokens: int = LONG_REQUEST_TOKENS) -> Future:
+def start_request(server, max_tokens: int) -> Future:
     """A completion of exactly `max_tokens` running in the background; its result is the answer."""
-    body = {"model": server.model, "prompt": "def main():\n", "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True}
     future = Future()
-    threading.Thread(target=lambda: future.set_result(server.post("/v1/completions", body)), daemon=True).start()
+    threading.Thread(target=lambda: future.set_result(server.post("/v1/completions", body(server, max_tokens))),
+                     daemon=True).start()
     return future
+
+
+def body(server, max_tokens: int) -> dict:
+    return {"model": server.model, "prompt": "def main():\n", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
+
+
+def running(now: list) -> bool:
+    """Whether a scrape saw the one request running (read from the engine's side, in the same scrape)."""
+    return gauge(now, "vllm:num_requests_running") == 1
 
 
 def finished(request: Future, max_tokens: int) -> None:
@@ -95,8 +113,8 @@ def wait_for(condition, timeout: float = 60.0, every: float = 0.2):
     raise AssertionError(f"not reached within {timeout} s")
 
 
-def test_slim_gauges_equal_the_layout_worked_out_from_config(servers, trained_model, config):
-    server = servers.get(trained_model, *SLIM_ARGS)
+def test_slim_gauges_equal_the_layout_worked_out_from_config(servers, long_model, config):
+    server = servers.get(long_model, *SLIM_ARGS)
     layers, heads, d = config["layers"], config["kv_heads"], config["head_size"]
     stock = layers * heads * 2 * d * 2  # bf16 K and V
     ours = layers * heads * (d + 2) * 2  # float16 K plus 2 spill coordinates per head
@@ -114,8 +132,8 @@ def test_slim_gauges_equal_the_layout_worked_out_from_config(servers, trained_mo
     assert "vllm_slim_sata_state_bytes_per_sequence" not in {s.name for s in scrape(server)}  # sata's gauges only for sata
 
 
-def test_slim_per_layer_numerics_come_from_the_weights(servers, trained_model, config):
-    server = servers.get(trained_model, *SLIM_ARGS)
+def test_slim_per_layer_numerics_come_from_the_weights(servers, trained_model, long_model, config):
+    server = servers.get(long_model, *SLIM_ARGS)
     weights = load_file(trained_model / "model.safetensors")
     for i in range(config["layers"]):
         layer = f"model.layers.{i}.self_attn.attn"
@@ -132,42 +150,43 @@ def test_slim_per_layer_numerics_come_from_the_weights(servers, trained_model, c
         assert 0 < slim < paper / 10, (layer, slim, paper)
 
 
-def test_slim_saved_bytes_follow_the_blocks_a_long_request_holds(servers, trained_model, config):
-    server = servers.get(trained_model, *SLIM_ARGS)
+def test_slim_saved_bytes_follow_the_blocks_a_long_request_holds(servers, long_model, config):
+    server = servers.get(long_model, *SLIM_ARGS)
     num_blocks, block_size = cache_geometry(server)
     saved_per_block = block_size * (
         gauge(server, "vllm_slim_stock_kv_cache_bytes_per_token") - gauge(server, "vllm_slim_kv_cache_bytes_per_token")
     )
     assert gauge(server, "vllm_slim_kv_cache_saved_bytes") == 0
-    request = start_long_request(server)
-    seen = []
-    while not request.done():
+
+    def sample() -> tuple[float, float] | None:
         now = scrape(server)
-        saved, usage = gauge(now, "vllm_slim_kv_cache_saved_bytes"), gauge(now, "vllm:kv_cache_usage_perc")
-        if saved:
-            blocks = saved / saved_per_block
-            assert blocks == int(blocks) and 1 <= blocks <= -(-(LONG_REQUEST_TOKENS + 8) // block_size), saved
-            # vLLM's usage is over all blocks but its null block; the scrape may fall between vLLM's logger
-            # and ours in one engine step, which adds at most one block
-            assert abs(blocks - round(usage * (num_blocks - 1))) <= 1, (blocks, usage)
-            seen.append(blocks)
-        time.sleep(0.1)
-    finished(request, LONG_REQUEST_TOKENS)
-    assert len(seen) >= 2 and seen[-1] > seen[0], f"saved bytes did not rise while the request ran: {seen}"
+        if not running(now):
+            return None
+        return gauge(now, "vllm_slim_kv_cache_saved_bytes"), gauge(now, "vllm:kv_cache_usage_perc")
+
+    rose = lambda samples: len(samples) >= 2 and samples[-1][0] > samples[0][0]
+    samples = server.sample_while_running("/v1/completions", body(server, LONG_REQUEST_TOKENS), sample, rose)
+    assert rose(samples), f"saved bytes did not rise while a request ran: {samples}"
+    for saved, usage in samples:
+        blocks = saved / saved_per_block
+        assert blocks == int(blocks) and 1 <= blocks <= -(-(LONG_REQUEST_TOKENS + 8) // block_size), saved
+        # vLLM's usage is over all blocks but its null block; the scrape may fall between vLLM's logger
+        # and ours in one engine step, which adds at most one block
+        assert abs(blocks - round(usage * (num_blocks - 1))) <= 1, (blocks, usage)
     wait_for(lambda: gauge(server, "vllm_slim_kv_cache_saved_bytes") == 0, timeout=10)
 
 
-def test_sata_gauges_equal_the_state_worked_out_from_config(servers, trained_model, config):
-    server = servers.get(trained_model, *SATA_ARGS)
+def test_sata_gauges_equal_the_state_worked_out_from_config(servers, long_model, config):
+    server = servers.get(long_model, *SATA_ARGS)
     layers, heads, d = config["layers"], config["kv_heads"], config["head_size"]
     # Per layer and KV head: C(d + P - 1, P - 1) basis features x (d_v numerator columns + 1 normalizer), float32.
     per_sequence = layers * heads * math.comb(d + SATA_ORDER - 1, SATA_ORDER - 1) * (d + 1) * 4
     stock = layers * heads * 2 * d * 2  # the fixture's dtype, bfloat16
     num_blocks, block_size = cache_geometry(server)
     assert gauge(server, "vllm_slim_sata_state_bytes_per_sequence") == per_sequence
-    assert gauge(server, "vllm_slim_kv_cache_bytes_per_token") == pytest.approx(per_sequence / SATA_MAX_MODEL_LEN)
+    assert gauge(server, "vllm_slim_kv_cache_bytes_per_token") == pytest.approx(per_sequence / MAX_MODEL_LEN)
     assert gauge(server, "vllm_slim_stock_kv_cache_bytes_per_token") == stock
-    assert gauge(server, "vllm_slim_kv_cache_capacity_tokens") == num_blocks * SATA_MAX_MODEL_LEN
+    assert gauge(server, "vllm_slim_kv_cache_capacity_tokens") == num_blocks * MAX_MODEL_LEN
     assert gauge(server, "vllm_slim_stock_kv_cache_capacity_tokens") == stock_capacity(
         num_blocks, per_sequence, block_size, stock
     )
@@ -176,32 +195,29 @@ def test_sata_gauges_equal_the_state_worked_out_from_config(servers, trained_mod
     assert "vllm_slim_layer_w_k_condition_number" not in {s.name for s in scrape(server)}
 
 
-def test_sata_live_state_and_equivalent_cache_and_negative_savings(servers, trained_model, config):
-    server = servers.get(trained_model, *SATA_ARGS)
+def test_sata_live_state_and_equivalent_cache(servers, long_model, config):
+    """While a request runs: one state, the stock cache its tokens would take, and the savings as their
+    difference, past the break-even length (below it they are negative: tests/test_stat_logger.py)."""
+    server = servers.get(long_model, *SATA_ARGS)
     per_sequence = gauge(server, "vllm_slim_sata_state_bytes_per_sequence")
     stock = gauge(server, "vllm_slim_stock_kv_cache_bytes_per_token")
     break_even = per_sequence / stock
-    assert SATA_REQUEST_TOKENS > 2 * break_even > 100  # the request crosses the break-even length
-    request = start_long_request(server, SATA_REQUEST_TOKENS)
-    held = []
-    while not request.done():
+    assert LONG_REQUEST_TOKENS > 2 * break_even > 100
+
+    def sample() -> tuple[float, float, float] | None:
         now = scrape(server)
-        state = gauge(now, "vllm_slim_sata_state_bytes")
-        equivalent = gauge(now, "vllm_slim_sata_equivalent_kv_bytes")
-        saved = gauge(now, "vllm_slim_kv_cache_saved_bytes")
-        if state:
-            assert state == per_sequence  # one sequence, one state, however long
-            tokens = equivalent / stock
-            assert tokens == int(tokens) and tokens <= SATA_REQUEST_TOKENS + 8
-            # /metrics can be read while one engine step's gauges are being set: a token or two apart
-            assert abs(saved - (equivalent - state)) <= 2 * stock, (saved, equivalent, state)
-            held.append(tokens)
-        time.sleep(0.1)
-    finished(request, SATA_REQUEST_TOKENS)
-    below = [t for t in held if 0 < t < break_even]
-    above = [t for t in held if t > break_even]
-    assert below and above, f"samples did not straddle the break-even length {break_even:.0f}: {held}"
-    assert held == sorted(held), "the tokens held went down while the one request ran"
+        names = ("sata_state_bytes", "sata_equivalent_kv_bytes", "kv_cache_saved_bytes")
+        return tuple(gauge(now, f"vllm_slim_{name}") for name in names) if running(now) else None
+
+    past = lambda samples: len(samples) >= 2 and any(equivalent > per_sequence for _, equivalent, _ in samples)
+    samples = server.sample_while_running("/v1/completions", body(server, LONG_REQUEST_TOKENS), sample, past)
+    assert past(samples), f"no sample past the break-even length {break_even:.0f}: {samples}"
+    for state, equivalent, saved in samples:
+        assert state == per_sequence  # one sequence, one state, however long
+        tokens = equivalent / stock
+        assert tokens == int(tokens) and 0 < tokens <= LONG_REQUEST_TOKENS + 8
+        # /metrics can be read while one engine step's gauges are being set: a token or two apart
+        assert abs(saved - (equivalent - state)) <= 2 * stock, (saved, equivalent, state)
     wait_for(lambda: gauge(server, "vllm_slim_sata_state_bytes") == 0, timeout=10)
     assert gauge(server, "vllm_slim_sata_equivalent_kv_bytes") == 0
     assert gauge(server, "vllm_slim_kv_cache_saved_bytes") == 0
@@ -275,11 +291,13 @@ def prometheus(tmp_path):
         process.wait(timeout=30)
 
 
-def test_prometheus_scrapes_both_backends_and_every_dashboard_query_returns_data(servers, trained_model, prometheus):
-    slim, sata = servers.get(trained_model, *SLIM_ARGS), servers.get(trained_model, *SATA_ARGS)
+def test_prometheus_scrapes_both_backends_and_every_dashboard_query_returns_data(
+    servers, long_model, prometheus
+):
+    slim, sata = servers.get(long_model, *SLIM_ARGS), servers.get(long_model, *SATA_ARGS)
     url = prometheus([slim.url.removeprefix("http://"), sata.url.removeprefix("http://")])
     # Traffic on both, so rates and latency quantiles have samples in their window.
-    for request in [start_long_request(server, max_tokens=300) for server in (slim, sata) for _ in range(2)]:
+    for request in [start_request(server, 300) for server in (slim, sata) for _ in range(2)]:
         finished(request, 300)
     time.sleep(3)  # a few scrapes after the last request
     queries = dashboard_queries()
@@ -289,4 +307,4 @@ def test_prometheus_scrapes_both_backends_and_every_dashboard_query_returns_data
     # Our gauges reach Prometheus with vLLM's labels, one series per server.
     saved = prometheus_query(url, "vllm_slim_kv_cache_capacity_tokens")
     assert {s["metric"]["instance"] for s in saved} == {slim.url[7:], sata.url[7:]}
-    assert all(s["metric"]["model_name"] == str(trained_model) for s in saved)
+    assert all(s["metric"]["model_name"] == str(long_model) for s in saved)

@@ -4,7 +4,6 @@ SATA's exact definition (`vllm_slim.fixtures.sata_reference`), in float32."""
 import json
 import math
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,8 +22,10 @@ MAIN = (*SATA, "--num-gpu-blocks-override", "3", "--max-model-len", "2048")
 SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "initializer_range": 0.2}
 
 
-def _gauge(server, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", server.metrics(), re.M)
+def _gauge(source, name: str) -> float:
+    """`name`'s one value from a server (a fresh scrape) or a scrape's text."""
+    text = source if isinstance(source, str) else source.metrics()
+    match = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M)
     assert match, f"{name} not on /metrics"
     return float(match.group(1))
 
@@ -120,18 +121,20 @@ def test_sink_tokens_without_a_window_refused(models, refused_startup):
 def test_state_stays_constant_over_2000_tokens(sata):
     """One state block the whole way: the cache usage a request holds does not grow with its length."""
     body = {"model": sata.model, "prompt": "def main():\n", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
-    usage, generated = [], []
-    done = threading.Thread(target=lambda: generated.append(sata.post("/v1/completions", body, timeout=1200)))
-    done.start()
-    while done.is_alive() or not usage:  # ~100 tokens/s here: a sample every few dozen tokens
-        usage.append(_gauge(sata, "vllm:kv_cache_usage_perc"))
-        done.join(0.2)
-    assert generated[0]["usage"]["completion_tokens"] == 2000
-    held = [u for u in usage if u > 0]
-    # Under CI load /metrics can take seconds to answer: few samples, but every one while the request runs.
-    # (tests/test_metrics_server.py also samples the state past the 579-token break-even of a longer model.)
-    assert len(held) >= 2, usage
-    assert set(held) == {0.5}  # one of the two blocks, from the first token to the 2,000th
+    stock_per_token = _gauge(sata, "vllm_slim_stock_kv_cache_bytes_per_token")
+
+    def sample() -> tuple[float, float] | None:
+        """(tokens the request holds, cache usage) from one scrape, while it runs."""
+        metrics = sata.metrics()
+        if _gauge(metrics, "vllm:num_requests_running") != 1:
+            return None
+        tokens = _gauge(metrics, "vllm_slim_sata_equivalent_kv_bytes") / stock_per_token
+        return tokens, _gauge(metrics, "vllm:kv_cache_usage_perc")
+
+    late = lambda samples: len(samples) >= 2 and any(tokens >= 1500 for tokens, _ in samples)
+    samples = sata.sample_while_running("/v1/completions", body, sample, late)
+    assert late(samples), samples
+    assert {usage for _, usage in samples} == {0.5}, samples  # one of the two blocks, early and late
 
 
 @pytest.mark.server

@@ -12,8 +12,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -110,6 +113,36 @@ class Server:
                 if stop_after is not None and len(pieces) >= stop_after:
                     break
         return pieces
+
+    def sample_while_running(
+        self, path: str, payload: dict, sample: Callable[[], object], enough: Callable[[list], bool],
+        attempts: int = 3,
+    ) -> list:
+        """POST `payload` in the background and take `sample()` again and again while it runs, keeping the
+        samples that are not None (a sample returns None when its scrape shows the request not running:
+        read the engine's own state, never a client-side clock, since the engine may run far ahead of
+        what the API server has sent). Up to `attempts` requests, one after another, until
+        `enough(samples)` holds: on 2 busy cores /metrics can take seconds to answer, and a short
+        request can end between two answers. Returns the samples."""
+        samples = []
+        for _ in range(attempts):
+            answer = Future()
+
+            def run() -> None:
+                try:
+                    answer.set_result(self.post(path, payload, timeout=600))
+                except Exception as error:  # raised by answer.result() below
+                    answer.set_exception(error)
+
+            threading.Thread(target=run, daemon=True).start()
+            while not answer.done() and not enough(samples):
+                value = sample()
+                if value is not None:
+                    samples.append(value)
+            answer.result(timeout=600)
+            if enough(samples):
+                break
+        return samples
 
     def greedy_tokens(self, prompts: list[str], max_tokens: int = 32) -> list[list[int]]:
         """Greedy completion token ids for `prompts`, sent as one request (decoded as one batch)."""

@@ -201,9 +201,8 @@ def bind_sata_layers(model: torch.nn.Module) -> None:
     from vllm_slim.backends.sata_attn import SataAttentionImpl, log_state
 
     layers = _layers_of(model, SataAttentionImpl)
-    device = next(model.parameters()).device
     for attn in layers.values():
-        attn.impl.bind(attn, device)
+        attn.impl.bind(attn)
     if layers:
         log_state(list(layers.values()))
 

@@ -18,8 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
 from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import (
     AttentionCGSupport,
     AttentionImpl,
@@ -27,6 +28,7 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
 from vllm_slim.backends.common import DecoderAttentionBackend, bind_cache_spec, unsupported_features
@@ -83,11 +85,15 @@ def state_spec(spec: AttentionSpec, policy: SataPolicy, max_model_len: int) -> M
 @dataclass
 class SataAttentionMetadata:
     num_tokens: int  # real tokens this step (the runner may pad the batch past them)
-    max_query_len: int
-    query_start_loc: torch.Tensor  # [B + 1]
     context_lens: torch.Tensor  # [B] tokens each request's state already holds
     state_indices: torch.Tensor  # [B] each request's state block (a view of a persistent buffer)
     reset: torch.Tensor  # [B] bool: states that start empty (new or recomputed requests)
+    # Decodes are the first num_decodes requests (one token each); the prefills follow, apart, so
+    # that a long prompt never pads the decodes' rows to its length.
+    num_decodes: int
+    decode_query_start_loc: torch.Tensor  # [num_decodes + 1]
+    prefill_query_start_loc: torch.Tensor  # [num_prefills + 1], from the first prefill token
+    prefill_max_query_len: int
 
 
 class SataAttentionMetadataBuilder(AttentionMetadataBuilder[SataAttentionMetadata]):
@@ -102,6 +108,11 @@ class SataAttentionMetadataBuilder(AttentionMetadataBuilder[SataAttentionMetadat
         self.state_indices = torch.full(
             (vllm_config.scheduler_config.max_num_seqs,), NULL_BLOCK, dtype=torch.long, device=device
         )
+        # φ's tables on the device now rather than inside a step. Here, not at bind: builders are made
+        # once the cache is sized, after an order too large for memory has been refused (at order 13
+        # the tables alone would take gigabytes).
+        for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values():
+            feature_tables(layer.impl.head_size, layer.impl.policy.order, layer.impl.scale, torch.device(device))
 
     def build(
         self,
@@ -111,18 +122,23 @@ class SataAttentionMetadataBuilder(AttentionMetadataBuilder[SataAttentionMetadat
     ) -> SataAttentionMetadata:
         cam = common_attn_metadata
         num_reqs = cam.num_reqs
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cam, decode_threshold=1)
+        query_start_loc_cpu = cam.query_start_loc_cpu[: num_reqs + 1]
+        prefill_query_lens = query_start_loc_cpu[num_decodes + 1 :] - query_start_loc_cpu[num_decodes:-1]
         query_start_loc = cam.query_start_loc[: num_reqs + 1]
         context_lens = cam.seq_lens[:num_reqs] - (query_start_loc[1:] - query_start_loc[:-1])
         self.state_indices[:num_reqs].copy_(cam.block_table_tensor[:num_reqs, 0], non_blocking=True)
         self.state_indices[num_reqs:].fill_(NULL_BLOCK)
         return SataAttentionMetadata(
-            num_tokens=int(cam.query_start_loc_cpu[num_reqs]),
-            max_query_len=cam.max_query_len,
-            query_start_loc=query_start_loc,
+            num_tokens=int(query_start_loc_cpu[-1]),
             context_lens=context_lens,
             state_indices=self.state_indices[:num_reqs],
             # A new request, or one preempted and recomputed: its block may hold another's state.
             reset=context_lens == 0,
+            num_decodes=num_decodes,
+            decode_query_start_loc=query_start_loc[: num_decodes + 1],
+            prefill_query_start_loc=query_start_loc[num_decodes:] - num_decode_tokens,
+            prefill_max_query_len=int(prefill_query_lens.max()) if num_prefills else 0,
         )
 
 
@@ -159,11 +175,9 @@ class SataAttentionImpl(AttentionImpl):
         # vllm-internals §3.2): what the spec needs is kept from here.
         self.max_model_len = vllm_config.model_config.max_model_len
 
-    def bind(self, layer: torch.nn.Module, device: torch.device) -> None:
-        """Page this layer as one fixed-size state per request (from the loader hook), and put φ's
-        tables on the model's device now rather than inside a step."""
+    def bind(self, layer: torch.nn.Module) -> None:
+        """Page this layer as one fixed-size state per request (from the loader hook)."""
         bind_cache_spec(layer, lambda spec: state_spec(spec, self.policy, self.max_model_len))
-        feature_tables(self.head_size, self.policy.order, self.scale, torch.device(device))
 
     def forward(
         self,
@@ -181,20 +195,31 @@ class SataAttentionImpl(AttentionImpl):
             raise NotImplementedError("sata: fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up
             return output
-        md, n = attn_metadata, attn_metadata.num_tokens
+        md, n, d = attn_metadata, attn_metadata.num_tokens, attn_metadata.num_decodes
         pages = kv_cache.view(kv_cache.shape[0], self.num_kv_heads, -1).view(torch.float32)  # raw int8 pages
-        if md.max_query_len == 1 and sata_cpu.supports(pages, self.policy.window):
-            # Decodes only, on the CPU: each state read and written once, in place.
-            out = sata_cpu.fused_decode_sata(
-                query[:n], key[:n], value[:n], pages, md.state_indices, md.reset, self.scale, self.policy.order
-            )
-        else:
-            out = chunk_sata_varlen(
-                query[:n], key[:n], value[:n], md.query_start_loc, md.context_lens, md.max_query_len, pages,
-                md.state_indices, md.reset, self.scale, self.policy.order, self.policy.sink_tokens, self.policy.window,
-            )
-        output[:n] = out.view(n, self.num_heads, -1).to(output.dtype)
+        if d:
+            output[:d] = self._attend(query[:d], key[:d], value[:d], pages, md, slice(0, d), 1).reshape_as(output[:d])
+        if n > d:
+            output[d:n] = self._attend(
+                query[d:n], key[d:n], value[d:n], pages, md, slice(d, None), md.prefill_max_query_len
+            ).reshape_as(output[d:n])
         return output
+
+    def _attend(
+        self, q, k, v, pages, md: SataAttentionMetadata, requests: slice, max_query_len: int
+    ) -> torch.Tensor:
+        """[tokens, H, d_v] for the step's decodes (max_query_len 1) or its prefills: `requests`."""
+        indices, reset, context_lens = md.state_indices[requests], md.reset[requests], md.context_lens[requests]
+        if max_query_len == 1 and sata_cpu.supports(pages, self.policy.window):
+            # Decodes on the CPU: each state read and written once, in place.
+            out = sata_cpu.fused_decode_sata(q, k, v, pages, indices, reset, self.scale, self.policy.order)
+        else:
+            query_start_loc = md.decode_query_start_loc if max_query_len == 1 else md.prefill_query_start_loc
+            out = chunk_sata_varlen(
+                q, k, v, query_start_loc, context_lens, max_query_len, pages, indices, reset, self.scale,
+                self.policy.order, self.policy.sink_tokens, self.policy.window,
+            )
+        return out
 
 
 def log_state(layers: list[torch.nn.Module]) -> None:
