@@ -21,6 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
+from vllm_slim.fixtures.hold import HOLD_ARGS
 from vllm_slim.serving import free_port
 
 pytestmark = pytest.mark.server
@@ -30,8 +31,8 @@ pytestmark = pytest.mark.server
 MAX_MODEL_LEN = 16384
 LONG_REQUEST_TOKENS = 2000
 SLIM_ARGS = ("--attention-backend", "slim", "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN),
-             "--additional-config", json.dumps({"slim": {"spill_per_head": 2}}))
-SATA_ARGS = ("--attention-backend", "sata", "--max-model-len", str(MAX_MODEL_LEN))
+             "--additional-config", json.dumps({"slim": {"spill_per_head": 2}}), *HOLD_ARGS)
+SATA_ARGS = ("--attention-backend", "sata", "--max-model-len", str(MAX_MODEL_LEN), *HOLD_ARGS)
 SATA_ORDER = 3
 
 
@@ -95,11 +96,6 @@ def body(server, max_tokens: int) -> dict:
             "ignore_eos": True}
 
 
-def running(now: list) -> bool:
-    """Whether a scrape saw the one request running (read from the engine's side, in the same scrape)."""
-    return gauge(now, "vllm:num_requests_running") == 1
-
-
 def finished(request: Future, max_tokens: int) -> None:
     assert request.result(timeout=600)["usage"]["completion_tokens"] == max_tokens
 
@@ -158,21 +154,20 @@ def test_slim_saved_bytes_follow_the_blocks_a_long_request_holds(servers, long_m
     )
     assert gauge(server, "vllm_slim_kv_cache_saved_bytes") == 0
 
-    def sample() -> tuple[float, float] | None:
+    def sample() -> tuple[float, float, float]:
         now = scrape(server)
-        if not running(now):
-            return None
-        return gauge(now, "vllm_slim_kv_cache_saved_bytes"), gauge(now, "vllm:kv_cache_usage_perc")
+        return gauge(now, "vllm:num_requests_running"), gauge(now, "vllm_slim_kv_cache_saved_bytes"), \
+            gauge(now, "vllm:kv_cache_usage_perc")
 
-    rose = lambda samples: len(samples) >= 2 and samples[-1][0] > samples[0][0]
-    samples = server.sample_while_running("/v1/completions", body(server, LONG_REQUEST_TOKENS), sample, rose)
-    assert rose(samples), f"saved bytes did not rise while a request ran: {samples}"
-    for saved, usage in samples:
-        blocks = saved / saved_per_block
-        assert blocks == int(blocks) and 1 <= blocks <= -(-(LONG_REQUEST_TOKENS + 8) // block_size), saved
-        # vLLM's usage is over all blocks but its null block; the scrape may fall between vLLM's logger
-        # and ours in one engine step, which adds at most one block
-        assert abs(blocks - round(usage * (num_blocks - 1))) <= 1, (blocks, usage)
+    holds = [1, block_size, LONG_REQUEST_TOKENS - 1]
+    answer, samples = server.sample_held("/v1/completions", body(server, LONG_REQUEST_TOKENS), holds, sample)
+    prompt = answer["usage"]["prompt_tokens"]
+    for generated, (running, saved, usage) in zip(holds, samples):
+        assert running == 1
+        # the blocks the held request's tokens fill, as vLLM counts them (its usage is over all blocks
+        # but its null block) and as the saved bytes do
+        blocks = -(-(prompt + generated) // block_size)
+        assert (saved, round(usage * (num_blocks - 1))) == (blocks * saved_per_block, blocks), (generated, saved, usage)
     wait_for(lambda: gauge(server, "vllm_slim_kv_cache_saved_bytes") == 0, timeout=10)
 
 
@@ -197,27 +192,26 @@ def test_sata_gauges_equal_the_state_worked_out_from_config(servers, long_model,
 
 def test_sata_live_state_and_equivalent_cache(servers, long_model, config):
     """While a request runs: one state, the stock cache its tokens would take, and the savings as their
-    difference, past the break-even length (below it they are negative: tests/test_stat_logger.py)."""
+    difference: negative short of the break-even length, positive past it."""
     server = servers.get(long_model, *SATA_ARGS)
     per_sequence = gauge(server, "vllm_slim_sata_state_bytes_per_sequence")
     stock = gauge(server, "vllm_slim_stock_kv_cache_bytes_per_token")
     break_even = per_sequence / stock
     assert LONG_REQUEST_TOKENS > 2 * break_even > 100
 
-    def sample() -> tuple[float, float, float] | None:
+    def sample() -> tuple[float, ...]:
         now = scrape(server)
         names = ("sata_state_bytes", "sata_equivalent_kv_bytes", "kv_cache_saved_bytes")
-        return tuple(gauge(now, f"vllm_slim_{name}") for name in names) if running(now) else None
+        return gauge(now, "vllm:num_requests_running"), *(gauge(now, f"vllm_slim_{name}") for name in names)
 
-    past = lambda samples: len(samples) >= 2 and any(equivalent > per_sequence for _, equivalent, _ in samples)
-    samples = server.sample_while_running("/v1/completions", body(server, LONG_REQUEST_TOKENS), sample, past)
-    assert past(samples), f"no sample past the break-even length {break_even:.0f}: {samples}"
-    for state, equivalent, saved in samples:
-        assert state == per_sequence  # one sequence, one state, however long
-        tokens = equivalent / stock
-        assert tokens == int(tokens) and 0 < tokens <= LONG_REQUEST_TOKENS + 8
-        # /metrics can be read while one engine step's gauges are being set: a token or two apart
-        assert abs(saved - (equivalent - state)) <= 2 * stock, (saved, equivalent, state)
+    holds = [8, round(break_even) // 2, 2 * round(break_even)]
+    answer, samples = server.sample_held("/v1/completions", body(server, LONG_REQUEST_TOKENS), holds, sample)
+    prompt = answer["usage"]["prompt_tokens"]
+    for generated, (running, state, equivalent, saved) in zip(holds, samples):
+        assert running == 1 and state == per_sequence  # one sequence, one state, however long
+        assert equivalent == (prompt + generated) * stock
+        assert saved == equivalent - state
+    assert [saved > 0 for *_, saved in samples] == [False, False, True]
     wait_for(lambda: gauge(server, "vllm_slim_sata_state_bytes") == 0, timeout=10)
     assert gauge(server, "vllm_slim_sata_equivalent_kv_bytes") == 0
     assert gauge(server, "vllm_slim_kv_cache_saved_bytes") == 0

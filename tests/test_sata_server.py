@@ -10,13 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from transformers import AutoTokenizer
 
+from vllm_slim.fixtures.hold import HOLD_ARGS
 from vllm_slim.fixtures.sata_reference import greedy_tokens, load_reference
 
 SATA = ("--dtype", "float32", "--attention-backend", "sata")
 # Two usable state blocks (vLLM holds one back as its null block): at most two sequences hold a
 # state at once, the rest queue. Long enough for the 2,000-token generation (a state block
-# covers the whole model length).
-MAIN = (*SATA, "--num-gpu-blocks-override", "3", "--max-model-len", "2048")
+# covers the whole model length), and held where a test reads /metrics.
+MAIN = (*SATA, "--num-gpu-blocks-override", "3", "--max-model-len", "2048", *HOLD_ARGS)
 # Weights 10x the usual init: logits of a few units, where SATA and softmax attention differ
 # (at the usual init every attention row is all but uniform, and the two agree).
 SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "initializer_range": 0.2}
@@ -119,22 +120,20 @@ def test_sink_tokens_without_a_window_refused(models, refused_startup):
 
 @pytest.mark.server
 def test_state_stays_constant_over_2000_tokens(sata):
-    """One state block the whole way: the cache usage a request holds does not grow with its length."""
+    """One state block the whole way: the cache usage a request holds does not grow with its length. The
+    engine is held at 8 and at 1,900 output tokens and read there."""
     body = {"model": sata.model, "prompt": "def main():\n", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
     stock_per_token = _gauge(sata, "vllm_slim_stock_kv_cache_bytes_per_token")
 
-    def sample() -> tuple[float, float] | None:
-        """(tokens the request holds, cache usage) from one scrape, while it runs."""
+    def sample() -> tuple[float, float, float]:
+        """(requests running, tokens the request holds, cache usage) from one scrape."""
         metrics = sata.metrics()
-        if _gauge(metrics, "vllm:num_requests_running") != 1:
-            return None
         tokens = _gauge(metrics, "vllm_slim_sata_equivalent_kv_bytes") / stock_per_token
-        return tokens, _gauge(metrics, "vllm:kv_cache_usage_perc")
+        return _gauge(metrics, "vllm:num_requests_running"), tokens, _gauge(metrics, "vllm:kv_cache_usage_perc")
 
-    late = lambda samples: len(samples) >= 2 and any(tokens >= 1500 for tokens, _ in samples)
-    samples = sata.sample_while_running("/v1/completions", body, sample, late)
-    assert late(samples), samples
-    assert {usage for _, usage in samples} == {0.5}, samples  # one of the two blocks, early and late
+    answer, samples = sata.sample_held("/v1/completions", body, [8, 1900], sample)
+    prompt = answer["usage"]["prompt_tokens"]
+    assert samples == [(1, prompt + 8, 0.5), (1, prompt + 1900, 0.5)]  # one of the two blocks, early and late
 
 
 @pytest.mark.server

@@ -114,35 +114,42 @@ class Server:
                     break
         return pieces
 
-    def sample_while_running(
-        self, path: str, payload: dict, sample: Callable[[], object], enough: Callable[[list], bool],
-        attempts: int = 3,
-    ) -> list:
-        """POST `payload` in the background and take `sample()` again and again while it runs, keeping the
-        samples that are not None (a sample returns None when its scrape shows the request not running:
-        read the engine's own state, never a client-side clock, since the engine may run far ahead of
-        what the API server has sent). Up to `attempts` requests, one after another, until
-        `enough(samples)` holds: on 2 busy cores /metrics can take seconds to answer, and a short
-        request can end between two answers. Returns the samples."""
-        samples = []
-        for _ in range(attempts):
+    def sample_held(
+        self, path: str, payload: dict, hold_at: list[int], sample: Callable[[], object],
+    ) -> tuple[dict, list]:
+        """POST `payload` in the background with the engine held once its request holds each of `hold_at`
+        output tokens (`vllm_slim.fixtures.hold`: the server needs its HOLD_ARGS); at each hold, take
+        `sample()` until two in a row agree (the API server has caught up with the held engine), then let
+        the engine go on (leaving early removes the hold directory, which releases every hold). Returns the
+        request's answer and one sample per hold."""
+        with tempfile.TemporaryDirectory(prefix="vllm-slim-hold-") as hold_dir:
             answer = Future()
+            held = {**payload, "vllm_xargs": {"hold_at": list(hold_at), "hold_dir": hold_dir}}
 
             def run() -> None:
                 try:
-                    answer.set_result(self.post(path, payload, timeout=600))
+                    answer.set_result(self.post(path, held, timeout=600))
                 except Exception as error:  # raised by answer.result() below
                     answer.set_exception(error)
 
             threading.Thread(target=run, daemon=True).start()
-            while not answer.done() and not enough(samples):
-                value = sample()
-                if value is not None:
-                    samples.append(value)
-            answer.result(timeout=600)
-            if enough(samples):
-                break
-        return samples
+            samples = []
+            for length in hold_at:
+                deadline = time.monotonic() + 300
+                while not Path(hold_dir, f"held-{length}").exists():
+                    if answer.done() or time.monotonic() > deadline:
+                        answer.result(timeout=0)  # the request's own error, if it failed
+                        raise RuntimeError(f"the engine never held at {length} output tokens:\n{self.log_tail()}")
+                    time.sleep(0.05)
+                previous, current = object(), sample()
+                while current != previous:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"/metrics still changing with the engine held: {previous} -> {current}")
+                    time.sleep(0.1)
+                    previous, current = current, sample()
+                samples.append(current)
+                Path(hold_dir, f"release-{length}").touch()
+            return answer.result(timeout=600), samples
 
     def greedy_tokens(self, prompts: list[str], max_tokens: int = 32) -> list[list[int]]:
         """Greedy completion token ids for `prompts`, sent as one request (decoded as one batch)."""
