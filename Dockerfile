@@ -7,7 +7,7 @@
 FROM vllm/vllm-openai:v0.33.0
 
 WORKDIR /opt/vllm-slim
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY vllm_slim ./vllm_slim
 # --no-deps: vLLM, torch and transformers stay the image's, built and pinned together.
 RUN uv pip install --system --no-cache --no-deps .

@@ -37,5 +37,5 @@ def engine_config(model_dir: Path, backend: str, dtype: str, additional_config: 
     return step.engine_config(model_dir, backend, dtype, BLOCK_SIZE, MAX_LEN, additional_config, **engine_args)
 
 
-def attention_layer(vllm_config, head_size: int = HEAD_SIZE):
-    return step.attention_layer(vllm_config, HEADS, head_size)
+def attention_layer(vllm_config, head_size: int = HEAD_SIZE, **options):
+    return step.attention_layer(vllm_config, HEADS, head_size, **options)

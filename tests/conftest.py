@@ -8,6 +8,7 @@ test file each at a time: files are grouped by the servers they share).
 
 import os
 import re
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -43,6 +44,24 @@ def core_binding() -> dict[str, str]:
     if worker is None:
         return {}
     return {"VLLM_CPU_OMP_THREADS_BIND": str(int(worker.removeprefix("gw")) % os.cpu_count())}
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of a command a test needs: missing, the test skips on a dev machine and fails under CI
+    (`.ci/run` sets CI=1), so a check CI is meant to run is never skipped there."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed ({package}); CI must run this check")
+        pytest.skip(f"{name} ({package}) is not installed")
+    return path
+
+
+@pytest.fixture
+def bound_to_core(monkeypatch):
+    """Servers that the code under test starts itself (not through `servers`) keep to this worker's core."""
+    for name, value in core_binding().items():
+        monkeypatch.setenv(name, value)
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -112,8 +131,11 @@ def refused_startup():
 
     def start(model: Path | str, *args: str, env: dict | None = None) -> str:
         server = Server(str(model), [*SERVER_ARGS, *args], env={**core_binding(), **(env or {})})
-        with pytest.raises(RuntimeError, match="vLLM server exited"):
-            server.__enter__()
+        try:
+            with pytest.raises(RuntimeError, match="vLLM server exited"):
+                server.__enter__()
+        finally:
+            server.stop()  # one that came up after all must not keep serving (and holding a core)
         return server.log()
 
     return start

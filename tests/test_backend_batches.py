@@ -299,6 +299,22 @@ def test_each_model_pages_by_its_own_layout(layers):
 
 
 @pytest.mark.parametrize("backend", ["slim", "sata"])
+@pytest.mark.parametrize("option, reason", [
+    ({"alibi_slopes": [0.5, 0.25, 0.125, 0.0625]}, r"ALiBi slopes"),
+    ({"logits_soft_cap": 30.0}, r"logit soft-capping \(30\.0\)"),
+    ({"kv_sharing_target_layer_name": "model.layers.0.self_attn.attn"},
+     r"cross-layer KV sharing \(target model\.layers\.0\.self_attn\.attn\)"),
+], ids=["alibi", "soft_cap", "kv_sharing"])
+def test_attention_features_neither_backend_implements_are_refused_with_their_values(
+    model_dir, backend, option, reason
+):
+    """As a model with that feature builds its attention layers under `--attention-backend`."""
+    config = engine_config(model_dir, backend, "float32")
+    with pytest.raises(ValueError, match=rf"{backend} attention cannot serve this model: .*{reason}"):
+        attention_layer(config, **option)
+
+
+@pytest.mark.parametrize("backend", ["slim", "sata"])
 def test_speculative_decoding_is_refused_at_start_up(model_dir, backend):
     config = engine_config(model_dir, backend, "float32", speculative_config={
         "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 1,

@@ -5,13 +5,14 @@ no Docker, no cluster (kubectl and promtool are used where installed)."""
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import require_tool
 from vllm_slim.metrics.gauges import GAUGES
 
 ROOT = Path(__file__).parents[1]
@@ -24,6 +25,7 @@ DATASOURCE = "${datasource}"
 SAMPLE_SUFFIXES = {"gauge": ("",), "counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
 # Where the Dockerfiles put the repository; paths under it must exist in the repository.
 IMAGE_SOURCE = "/opt/vllm-slim/"
+PROMETHEUS_PACKAGE = "Debian's prometheus package, which .ci/run installs"
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +111,9 @@ def test_queries_name_only_series_the_server_exports(dashboard):
     assert not unknown, sorted(unknown)
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed")
 def test_every_query_is_valid_promql(dashboard, tmp_path):
     """Each target as a recording rule, Grafana's variables filled in, through `promtool check rules`."""
+    promtool = require_tool("promtool", PROMETHEUS_PACKAGE)
     rules = [
         {
             "record": f"panel_{panel['id']}_{target['refId']}",
@@ -122,7 +124,7 @@ def test_every_query_is_valid_promql(dashboard, tmp_path):
     ]
     rules_file = tmp_path / "rules.yml"
     rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = subprocess.run(["promtool", "check", "rules", str(rules_file)], capture_output=True, text=True)
+    result = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -161,9 +163,9 @@ def test_prometheus_scrapes_the_compose_server():
         services = yaml.safe_load((DEPLOY / compose_file).read_text())["services"]
         assert "8000:8000" in services["vllm"]["ports"]
         assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
-    if shutil.which("promtool"):
-        result = subprocess.run(["promtool", "check", "config", str(config_path)], capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout + result.stderr
+    promtool = require_tool("promtool", PROMETHEUS_PACKAGE)
+    result = subprocess.run([promtool, "check", "config", str(config_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES)
@@ -199,9 +201,11 @@ def test_dockerfiles_pin_their_base_and_serve(dockerfile, entrypoint):
     else:
         assert "'.[cpu]'" in text
     assert json.loads(re.search(r"^ENTRYPOINT\s+(\[.*\])", text, re.MULTILINE).group(1)) == entrypoint
-    for source in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, re.MULTILINE):
-        for path in source.split():
-            assert (ROOT / path).exists(), path
+    copied = [path for source in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, re.MULTILINE) for path in source.split()]
+    assert all((ROOT / path).exists() for path in copied), copied
+    # what the package build reads beside the code: without it `pip install .` fails in the image
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert {"pyproject.toml", project["readme"], *project["license-files"]} <= set(copied), copied
 
 
 def test_paths_inside_the_image_exist_in_the_repository():
@@ -249,10 +253,11 @@ def test_kustomization_lists_existing_files_in_the_shape_of_a_serving_stack():
     assert "--attention-backend=slim" in container["args"]
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_builds_the_stack_with_the_dashboard_configmap():
+    # kustomize >= 4 (kubectl >= 1.21): Debian's kubernetes-client 1.20 rejects the `labels` field
+    kubectl = require_tool("kubectl", "kubectl >= 1.21")
     result = subprocess.run(
-        ["kubectl", "kustomize", str(DEPLOY / "kubernetes")], capture_output=True, text=True, timeout=120,
+        [kubectl, "kustomize", str(DEPLOY / "kubernetes")], capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(result.stdout)}

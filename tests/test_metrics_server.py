@@ -4,7 +4,6 @@ every query of the Grafana dashboard through its HTTP API."""
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
+from conftest import require_tool
 from vllm_slim.fixtures.hold import HOLD_ARGS
 from vllm_slim.serving import free_port
 
@@ -248,11 +248,7 @@ def prometheus_query(url: str, expr: str) -> list:
 @pytest.fixture
 def prometheus(tmp_path):
     """prometheus(targets) -> URL of a real Prometheus scraping `targets` every second."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed: .ci/run installs Debian's prometheus package")
-        pytest.skip("prometheus (Debian's prometheus package) is not installed")
+    binary = require_tool("prometheus", "Debian's prometheus package, which .ci/run installs")
     started = []
 
     def start(targets: list[str]) -> str:
@@ -293,10 +289,13 @@ def test_prometheus_scrapes_both_backends_and_every_dashboard_query_returns_data
     # Traffic on both, so rates and latency quantiles have samples in their window.
     for request in [start_request(server, 300) for server in (slim, sata) for _ in range(2)]:
         finished(request, 300)
-    time.sleep(3)  # a few scrapes after the last request
     queries = dashboard_queries()
     assert len(queries) > 25, "the dashboard lost its panels, or this test no longer finds them"
-    empty = {name: expr for name, expr in queries.items() if not prometheus_query(url, expr)}
+    # Scrapes land every second: poll until every query has data (bounded), then name any without.
+    deadline = time.monotonic() + 60
+    while (empty := {name: expr for name, expr in queries.items() if not prometheus_query(url, expr)}) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
     assert not empty, f"dashboard queries with no data: {json.dumps(empty, indent=1)}"
     # Our gauges reach Prometheus with vLLM's labels, one series per server.
     saved = prometheus_query(url, "vllm_slim_kv_cache_capacity_tokens")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vllm_slim.fixtures.numerics import layer_errors, trained_attention_inputs
 from vllm_slim.ops.slim import solve_projection
@@ -60,3 +61,39 @@ def test_trained_rope_model_activations(trained_model):
     layers, rotary = trained_attention_inputs(trained_model, HELD_OUT_TEXT)
     results, layout = all_layer_errors(layers, heads=8, rotary=rotary)
     check(results, layout)
+
+
+def test_policy_knobs_shape_the_layout(trained_model):
+    """Each `--additional-config '{"slim": {...}}'` knob on the trained model's own weights (8 heads of 32)."""
+    weights = load_file(trained_model / "model.safetensors")
+    layers = {
+        i: (weights[f"model.layers.{i}.self_attn.k_proj.weight"].T.double(),
+            weights[f"model.layers.{i}.self_attn.v_proj.weight"].T.double(), None, None)
+        for i in range(4)
+    }
+
+    def layout(**options):
+        policy = SlimPolicy.from_config(options)
+        return choose_layout(layers, 8, 32, torch.bfloat16, torch.bfloat16, False, policy)[0]
+
+    def worst(layout) -> float:
+        return max(layer.error for layer in layout.layers)
+
+    default = layout()
+    assert (default.store_dtype, default.refine, default.spill_per_head) == (torch.float16, True, 1)
+    assert default.within_budget and default.capacity_gain == 64 / 33
+    wider = layout(spill_per_head=3)  # a fixed width instead of the search
+    assert (wider.spill_per_head, wider.capacity_gain) == (3, 64 / 35) and worst(wider) < worst(default)
+    paper = layout(store_dtype="bfloat16", spill_per_head=0)  # the paper's cache
+    assert (paper.store_dtype, paper.refine, paper.capacity_gain) == (torch.bfloat16, False, 2.0)
+    assert not paper.within_budget and worst(paper) > 10 * worst(default)
+    floor = layout(min_capacity_gain=2.0)  # only spill 0 keeps 2x; the search stops there, over budget
+    assert floor.spill_per_head == 0 and not floor.within_budget
+    strict = layout(max_error_ratio=0.01)  # no width meets it: the widest the 1.8x floor allows, over budget
+    assert (strict.spill_per_head, strict.within_budget) == (3, False)
+    loose = layout(max_error_ratio=100.0)
+    assert loose.spill_per_head == 0 and loose.within_budget
+    with pytest.raises(ValueError, match=r"unknown slim option\(s\) \['spill'\]"):
+        SlimPolicy.from_config({"spill": 1})
+    with pytest.raises(ValueError, match="slim store_dtype must be auto or one of"):
+        SlimPolicy.from_config({"store_dtype": "float8"})

@@ -26,6 +26,13 @@ CASES = {
     # fp8 needs 16-bit activations; the later --dtype wins.
     "quantized": ("llama", {}, ("--dtype", "bfloat16", "--quantization", "fp8"), "quantized weights (fp8)"),
     "tensor_parallel": ("llama", {}, ("--tensor-parallel-size", "2"), "tensor parallel size 2"),
+    # a budget no layout meets (its floor, 1e-4, is under bfloat16's rounding): refused with the widest
+    # spill the 1.8x capacity floor allows at head size 16, and the override named
+    "over_budget": (
+        "llama", {}, ("--dtype", "bfloat16", "--additional-config", '{"slim": {"max_error_ratio": 0.01}}'),
+        "slim: predicted V error exceeds its budget (1.00e-04) even with 1 spill coordinates per head "
+        "(capacity 1.88x). Raise the budget or the spill",
+    ),
 }
 # The CPU build binds each TP rank's threads to a NUMA node unless told which cores to use.
 ENV = {"tensor_parallel": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}

@@ -1,4 +1,6 @@
-"""Slim through the real stock OpenAI server: float32 exactness and capacity on every architecture."""
+"""Slim through the real stock OpenAI server, against the stock backend's own tokens (float32): load with
+preemption, prefix caching, chat and streaming, then exactness and capacity on every architecture. The
+llama tests come first and share their two servers with the parametrized test's first case."""
 
 import json
 import re
@@ -6,20 +8,58 @@ import re
 import pytest
 
 ARCHS = ["llama", "llama_bias", "gpt_neox", "gptj", "gpt2", "opt"]
+FLOAT32 = ("--dtype", "float32")
+SLIM = (*FLOAT32, "--attention-backend", "slim")
 
 
 def slim_layers_bound(server) -> int:
     return len(re.findall(r"slim: layer \S+ runs SLIM", server.log()))
 
 
+def _counter(metrics: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", metrics, re.M))
+
+
+@pytest.mark.server
+def test_concurrent_requests_under_preemption_match_stock(servers, models, prompts):
+    # 24 blocks of 32 tokens cannot hold 8 sequences of ~150 tokens: the scheduler preempts.
+    model = models("llama", dtype="float32")
+    requests = [f"{prompts[i % len(prompts)]}# request {i}\n" for i in range(8)]
+    stock = servers.get(model, *FLOAT32).greedy_tokens(requests, max_tokens=96)
+    slim = servers.get(model, *SLIM, "--num-gpu-blocks-override", "24", "--max-model-len", "512")
+    before = _counter(slim.metrics(), "vllm:num_preemptions_total")
+    # One request with all 8 prompts: the API server adds them to the engine in one go, where 8 requests
+    # of their own could reach a fast engine one after another, each done before the next arrives.
+    concurrent = slim.greedy_tokens(requests, max_tokens=96)
+    assert _counter(slim.metrics(), "vllm:num_preemptions_total") > before, "no preemption happened"
+    assert concurrent == stock
+
+
+@pytest.mark.server
+def test_prefix_cache_hit_rebuilds_values_from_cached_keys(servers, models, prompts):
+    model = models("llama", dtype="float32")
+    prompt = prompts[2]  # long: several full blocks to hit
+    stock = servers.get(model, *FLOAT32).greedy_tokens([prompt])
+    slim = servers.get(model, *SLIM)
+    assert slim.greedy_tokens([prompt]) == stock
+    hits = _counter(slim.metrics(), "vllm:prefix_cache_hits_total")
+    assert slim.greedy_tokens([prompt]) == stock
+    assert _counter(slim.metrics(), "vllm:prefix_cache_hits_total") > hits
+
+
+@pytest.mark.server
+def test_chat_and_streaming(servers, models, prompts, check_chat_and_streaming):
+    check_chat_and_streaming(servers.get(models("llama", dtype="float32"), *SLIM), prompts[0])
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float32_greedy_equals_stock_and_capacity_doubles(servers, models, prompts, arch):
     model = models(arch, dtype="float32")
-    stock = servers.get(model, "--dtype", "float32")
+    stock = servers.get(model, *FLOAT32)
     stock_tokens = stock.greedy_tokens(list(prompts))
     stock_capacity = stock.capacity_tokens()
-    slim = servers.get(model, "--dtype", "float32", "--attention-backend", "slim")
+    slim = servers.get(model, *SLIM)
     # Which backend ran: every layer bound by slim, the stock CPU backend never picked.
     config = json.loads((model / "config.json").read_text())
     layers = config.get("num_hidden_layers", config.get("n_layer"))
