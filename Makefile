@@ -18,4 +18,4 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/vllm-slim demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -v -rs --durations=15 -n 2 --dist loadfile
+	$(PY) -m pytest -v -rs --durations=15 -n 2 --dist loadfile --no-loadscope-reorder

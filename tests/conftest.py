@@ -91,6 +91,20 @@ class ServerPool:
             server.stop()
 
 
+# The files whose servers take longest, longest first (CI's --durations). `make test` passes
+# --no-loadscope-reorder, so xdist hands files to its workers in this order and the long ones do not
+# queue up at the end on one worker while the other idles.
+SLOW_FILES_FIRST = (
+    "test_slim_server.py", "test_slim_bf16_server.py", "test_metrics_server.py", "test_sata_server.py",
+    "test_slim_refusals.py", "test_demo.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def servers():
     pool = ServerPool()

@@ -3,6 +3,8 @@ tests, in float32, bfloat16 and float16: slim against float64 softmax attention 
 worse than a stock cache of the same dtype), sata against float64 evaluation of its definition. The
 context is written by an earlier step, scattered over shuffled blocks; `positions` is left None."""
 
+import re
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -312,6 +314,38 @@ def test_attention_features_neither_backend_implements_are_refused_with_their_va
     config = engine_config(model_dir, backend, "float32")
     with pytest.raises(ValueError, match=rf"{backend} attention cannot serve this model: .*{reason}"):
         attention_layer(config, **option)
+
+
+# Slim's refusals decided as vLLM builds a layer, through a real Attention under the engine config a server
+# would build: (engine args, layer options, reason). tests/test_slim_refusals.py sends one of this kind
+# (GQA) and the bind-time ones through a real server.
+SLIM_LAYER_REFUSALS = {
+    "mqa": ({}, {"kv_heads": 1}, "grouped-query attention (4 query heads, 1 KV heads)"),
+    "sliding_window": ({}, {"per_layer_sliding_window": 64}, "sliding-window attention"),
+    "fp8_kv_cache": ({"kv_cache_dtype": "fp8"}, {}, "KV-cache dtype 'fp8'"),
+    "quantized": ({"quantization": "fp8", "dtype": "bfloat16"}, {}, "quantized weights (fp8)"),
+    "tensor_parallel": ({"tensor_parallel_size": 2}, {}, "tensor parallel size 2"),
+}
+
+
+@pytest.mark.parametrize("case", SLIM_LAYER_REFUSALS)
+def test_slim_refuses_what_it_cannot_serve_as_the_layer_is_built(model_dir, case):
+    engine_args, options, reason = SLIM_LAYER_REFUSALS[case]
+    config = engine_config(model_dir, "slim", **{"dtype": "float32", **engine_args})
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        attention_layer(config, **options)
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"sink_tokens": 4}, "sata sink_tokens needs a window"),
+    ({"window": -1}, "sata sink_tokens and window must be >= 0, got 0, -1"),
+    ({"orders": 3}, "unknown sata option(s) ['orders']; known: ['order', 'sink_tokens', 'window']"),
+], ids=["sinks_without_window", "negative_window", "unknown_option"])
+def test_sata_refuses_bad_options_as_the_layer_is_built(model_dir, options, reason):
+    """Through the layer as a server builds it (tests/test_sata_server.py sends an even order through one)."""
+    config = engine_config(model_dir, "sata", "float32", {"sata": options})
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        attention_layer(config, SATA_HEAD_SIZE)
 
 
 @pytest.mark.parametrize("backend", ["slim", "sata"])

@@ -113,12 +113,6 @@ def test_hybrid_greedy_equals_reference(servers, models, prompts):
 
 
 @pytest.mark.server
-def test_sink_tokens_without_a_window_refused(models, refused_startup):
-    log = refused_startup(models("llama", **SMALL), *SATA, "--additional-config", '{"sata": {"sink_tokens": 4}}')
-    assert "sata sink_tokens needs a window" in log
-
-
-@pytest.mark.server
 def test_state_stays_constant_over_2000_tokens(sata):
     """One state block the whole way: the cache usage a request holds does not grow with its length. The
     engine is held at 8 and at 1,900 output tokens and read there."""
