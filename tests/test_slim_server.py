@@ -59,6 +59,7 @@ def test_float32_greedy_equals_stock_and_capacity_doubles(servers, models, promp
     stock = servers.get(model, *FLOAT32)
     stock_tokens = stock.greedy_tokens(list(prompts))
     stock_capacity = stock.capacity_tokens()
+    assert "vllm_slim_" not in stock.metrics()  # the plugin is loaded, but exports only for its own backends
     slim = servers.get(model, *SLIM)
     # Which backend ran: every layer bound by slim, the stock CPU backend never picked.
     config = json.loads((model / "config.json").read_text())
