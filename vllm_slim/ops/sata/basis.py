@@ -87,11 +87,36 @@ def feature_tables(head_size: int, order: int, scale: float, device: torch.devic
     return index.to(device), coefficient.float().to(device)
 
 
+@functools.cache
+def suffix_starts(head_size: int, degree: int) -> tuple[int, ...]:
+    """For each index i, the first of the sorted degree-p rows whose indices are all ≥ i: they form a
+    suffix of the list (degree 0: its one row, the constant)."""
+    if degree == 0:
+        return (0,) * head_size
+    first = basis_indices(head_size, degree)[:, 0]
+    return tuple(int((first < i).sum()) for i in range(head_size))
+
+
 def feature_map(x: torch.Tensor, order: int, scale: float) -> torch.Tensor:
-    """φ(x) [..., m] float32 for x [..., d], with ⟨φ(q), φ(k)⟩ = Σ_{p<order} (q·k·scale)^p / p!."""
-    index, coefficient = feature_tables(x.shape[-1], order, scale, x.device)
-    padded = torch.cat((x.float(), x.new_ones(x.shape[:-1] + (1,), dtype=torch.float32)), -1)
-    return padded[..., index].prod(-1) * coefficient
+    """φ(x) [..., m] float32 for x [..., d], with ⟨φ(q), φ(k)⟩ = Σ_{p<order} (q·k·scale)^p / p!.
+
+    Degree by degree, in `basis_indices` order: the degree-p rows that start with index i are x_i times
+    the degree-(p−1) rows whose indices are all ≥ i, a suffix of that list, so each degree is d products
+    into slices of the output (a gather of every row's indices was ten times slower on the CPU)."""
+    head_size = x.shape[-1]
+    _, coefficient = feature_tables(head_size, order, scale, x.device)
+    x = x.float()
+    out = x.new_empty(x.shape[:-1] + (feature_size(head_size, order),))
+    out[..., 0] = 1
+    previous, offset = out[..., :1], 1
+    for degree in range(1, order):
+        begin, starts = offset, suffix_starts(head_size, degree - 1)
+        for i in range(head_size):
+            tail = previous[..., starts[i]:]
+            torch.mul(tail, x[..., i : i + 1], out=out[..., offset : offset + tail.shape[-1]])
+            offset += tail.shape[-1]
+        previous = out[..., begin:offset]
+    return out.mul_(coefficient)
 
 
 @dataclass
