@@ -9,6 +9,7 @@ test file each at a time: files are grouped by the servers they share).
 import os
 import re
 import shutil
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -55,6 +56,17 @@ def require_tool(name: str, package: str) -> str:
             pytest.fail(f"{name} is not installed ({package}); CI must run this check")
         pytest.skip(f"{name} ({package}) is not installed")
     return path
+
+
+def wait_for(condition, timeout: float = 60.0, every: float = 0.2, message=None):
+    """Poll `condition()` until it is truthy and return its value; past `timeout` s, fail with `message`
+    (a string, or a function that says what is still wrong)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(message() if callable(message) else message or f"not reached within {timeout} s")
+        time.sleep(every)
+    return value
 
 
 @pytest.fixture

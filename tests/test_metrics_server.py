@@ -7,8 +7,6 @@ import math
 import re
 import shutil
 import subprocess
-import threading
-import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import Future
@@ -20,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
-from conftest import require_tool
+from conftest import require_tool, wait_for
 from vllm_slim.fixtures.hold import HOLD_ARGS
 from vllm_slim.serving import free_port
 
@@ -83,14 +81,6 @@ def stock_capacity(num_blocks: int, block_bytes: int, block_size: int, stock_per
     return (num_blocks * block_bytes + map_bytes) // (block_size * stock_per_token) * block_size
 
 
-def start_request(server, max_tokens: int) -> Future:
-    """A completion of exactly `max_tokens` running in the background; its result is the answer."""
-    future = Future()
-    threading.Thread(target=lambda: future.set_result(server.post("/v1/completions", body(server, max_tokens))),
-                     daemon=True).start()
-    return future
-
-
 def body(server, max_tokens: int) -> dict:
     return {"model": server.model, "prompt": "def main():\n", "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True}
@@ -98,15 +88,6 @@ def body(server, max_tokens: int) -> dict:
 
 def finished(request: Future, max_tokens: int) -> None:
     assert request.result(timeout=600)["usage"]["completion_tokens"] == max_tokens
-
-
-def wait_for(condition, timeout: float = 60.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"not reached within {timeout} s")
 
 
 def test_slim_gauges_equal_the_layout_worked_out_from_config(servers, long_model, config):
@@ -287,16 +268,15 @@ def test_prometheus_scrapes_both_backends_and_every_dashboard_query_returns_data
     slim, sata = servers.get(long_model, *SLIM_ARGS), servers.get(long_model, *SATA_ARGS)
     url = prometheus([slim.url.removeprefix("http://"), sata.url.removeprefix("http://")])
     # Traffic on both, so rates and latency quantiles have samples in their window.
-    for request in [start_request(server, 300) for server in (slim, sata) for _ in range(2)]:
+    requests = [server.post_in_background("/v1/completions", body(server, 300)) for server in (slim, sata) * 2]
+    for request in requests:
         finished(request, 300)
     queries = dashboard_queries()
     assert len(queries) > 25, "the dashboard lost its panels, or this test no longer finds them"
     # Scrapes land every second: poll until every query has data (bounded), then name any without.
-    deadline = time.monotonic() + 60
-    while (empty := {name: expr for name, expr in queries.items() if not prometheus_query(url, expr)}) \
-            and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not empty, f"dashboard queries with no data: {json.dumps(empty, indent=1)}"
+    empty = lambda: {name: expr for name, expr in queries.items() if not prometheus_query(url, expr)}  # noqa: E731
+    wait_for(lambda: not empty(), timeout=60, every=1,
+             message=lambda: f"dashboard queries with no data: {json.dumps(empty(), indent=1)}")
     # Our gauges reach Prometheus with vLLM's labels, one series per server.
     saved = prometheus_query(url, "vllm_slim_kv_cache_capacity_tokens")
     assert {s["metric"]["instance"] for s in saved} == {slim.url[7:], sata.url[7:]}

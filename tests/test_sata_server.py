@@ -4,12 +4,12 @@ SATA's exact definition (`vllm_slim.fixtures.sata_reference`), in float32."""
 import json
 import math
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from transformers import AutoTokenizer
 
+from conftest import wait_for
 from vllm_slim.fixtures.hold import HOLD_ARGS
 from vllm_slim.fixtures.sata_reference import greedy_tokens, load_reference
 
@@ -80,16 +80,10 @@ def test_cancelled_request_leaves_no_state(sata, prompts):
     expected = sata.greedy_tokens([prompts[1]], 32)[0]
     body = {"model": sata.model, "prompt": prompts[3], "max_tokens": 500, "temperature": 0, "ignore_eos": True}
     assert len(sata.stream("/v1/completions", body, stop_after=5)) == 5
-    _wait_until(lambda: _gauge(sata, "vllm:kv_cache_usage_perc") == 0, "the cancelled request's state was not freed")
+    wait_for(lambda: _gauge(sata, "vllm:kv_cache_usage_perc") == 0, timeout=30,
+             message="the cancelled request's state was not freed")
     # The next request takes the freed block and must start from an empty state.
     assert sata.greedy_tokens([prompts[1]], 32)[0] == expected
-
-
-def _wait_until(condition, message: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.2)
 
 
 @pytest.mark.server

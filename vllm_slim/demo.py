@@ -47,8 +47,8 @@ class DemoResult:
     @property
     def tokens_agreed(self) -> int:
         """How many leading completion tokens the two backends agree on."""
-        pairs = zip(self.slim.token_ids, self.stock.token_ids)
-        return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(self.slim.token_ids), len(self.stock.token_ids)))
+        slim, stock = self.slim.token_ids, self.stock.token_ids
+        return next((i for i, (a, b) in enumerate(zip(slim, stock)) if a != b), min(len(slim), len(stock)))
 
 
 def serve_once(model: str, backend: str | None) -> Served:

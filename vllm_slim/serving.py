@@ -114,6 +114,19 @@ class Server:
                     break
         return pieces
 
+    def post_in_background(self, path: str, payload: dict, timeout: float = 600.0) -> Future:
+        """`post` on a thread of its own: the future's result is the decoded answer, or its error."""
+        answer = Future()
+
+        def run() -> None:
+            try:
+                answer.set_result(self.post(path, payload, timeout=timeout))
+            except Exception as error:  # raised by answer.result()
+                answer.set_exception(error)
+
+        threading.Thread(target=run, daemon=True).start()
+        return answer
+
     def sample_held(
         self, path: str, payload: dict, hold_at: list[int], sample: Callable[[], object],
     ) -> tuple[dict, list]:
@@ -123,16 +136,8 @@ class Server:
         the engine go on (leaving early removes the hold directory, which releases every hold). Returns the
         request's answer and one sample per hold."""
         with tempfile.TemporaryDirectory(prefix="vllm-slim-hold-") as hold_dir:
-            answer = Future()
             held = {**payload, "vllm_xargs": {"hold_at": list(hold_at), "hold_dir": hold_dir}}
-
-            def run() -> None:
-                try:
-                    answer.set_result(self.post(path, held, timeout=600))
-                except Exception as error:  # raised by answer.result() below
-                    answer.set_exception(error)
-
-            threading.Thread(target=run, daemon=True).start()
+            answer = self.post_in_background(path, held)
             samples = []
             for length in hold_at:
                 deadline = time.monotonic() + 300

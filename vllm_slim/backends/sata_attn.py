@@ -212,14 +212,12 @@ class SataAttentionImpl(AttentionImpl):
         indices, reset, context_lens = md.state_indices[requests], md.reset[requests], md.context_lens[requests]
         if max_query_len == 1 and sata_cpu.supports(pages, self.policy.window):
             # Decodes on the CPU: each state read and written once, in place.
-            out = sata_cpu.fused_decode_sata(q, k, v, pages, indices, reset, self.scale, self.policy.order)
-        else:
-            query_start_loc = md.decode_query_start_loc if max_query_len == 1 else md.prefill_query_start_loc
-            out = chunk_sata_varlen(
-                q, k, v, query_start_loc, context_lens, max_query_len, pages, indices, reset, self.scale,
-                self.policy.order, self.policy.sink_tokens, self.policy.window,
-            )
-        return out
+            return sata_cpu.fused_decode_sata(q, k, v, pages, indices, reset, self.scale, self.policy.order)
+        query_start_loc = md.decode_query_start_loc if max_query_len == 1 else md.prefill_query_start_loc
+        return chunk_sata_varlen(
+            q, k, v, query_start_loc, context_lens, max_query_len, pages, indices, reset, self.scale,
+            self.policy.order, self.policy.sink_tokens, self.policy.window,
+        )
 
 
 def log_state(layers: list[torch.nn.Module]) -> None:

@@ -97,14 +97,20 @@ def suffix_starts(head_size: int, degree: int) -> tuple[int, ...]:
     return tuple(int((first < i).sum()) for i in range(head_size))
 
 
-def feature_map(x: torch.Tensor, order: int, scale: float) -> torch.Tensor:
+def feature_map(x: torch.Tensor, order: int, scale: float, by_slices: bool | None = None) -> torch.Tensor:
     """φ(x) [..., m] float32 for x [..., d], with ⟨φ(q), φ(k)⟩ = Σ_{p<order} (q·k·scale)^p / p!.
 
-    Degree by degree, in `basis_indices` order: the degree-p rows that start with index i are x_i times
-    the degree-(p−1) rows whose indices are all ≥ i, a suffix of that list, so each degree is d products
-    into slices of the output (a gather of every row's indices was ten times slower on the CPU)."""
+    Two forms, the same products in `basis_indices` order (up to float32 rounding). by_slices (the
+    CPU's default): degree by degree, the rows that start with index i are x_i times the degree-(p−1)
+    rows whose indices are all ≥ i, a suffix of that list, so each degree is d products into slices of
+    the output (7× faster than the gather on the CPU). Otherwise one gather of every row's indices and
+    a product: two kernels where the slices take d per degree, which a GPU would pay in launches on
+    every decode step."""
     head_size = x.shape[-1]
-    _, coefficient = feature_tables(head_size, order, scale, x.device)
+    index, coefficient = feature_tables(head_size, order, scale, x.device)
+    if not (x.device.type == "cpu" if by_slices is None else by_slices):
+        padded = torch.cat((x.float(), x.new_ones(x.shape[:-1] + (1,), dtype=torch.float32)), -1)
+        return padded[..., index].prod(-1) * coefficient
     x = x.float()
     out = x.new_empty(x.shape[:-1] + (feature_size(head_size, order),))
     out[..., 0] = 1
