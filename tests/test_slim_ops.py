@@ -15,6 +15,7 @@ from vllm_slim.ops.slim import (
     rebuild_values,
     rotate,
     solve_projection,
+    store_rows,
     unrope,
     write_rows,
 )
@@ -183,6 +184,69 @@ def test_paged_decode_matches_naive(rope, layer, block_size, split_pages, fused,
     assert torch.isfinite(got).all()
     for i, n in enumerate(seq_lens):
         ref = naive_slim_attention(q[i : i + 1], rows[i], proj, rotary, 0.25)
+        torch.testing.assert_close(got[i : i + 1], ref, rtol=1e-4, atol=1e-4)
+
+
+def store_case(heads, head_size, layer, rope, model_dtype, cache_dtype, tokens=13, block_size=8, seed=0):
+    """New tokens' keys and values in the model's dtype at scattered positions and slots (three of them
+    padding, slot -1) and a random paged cache (token-major, as the CPU build lays it out)."""
+    spill, bias, refine = LAYERS[layer]
+    spill = spill and heads  # one spill coordinate per head for any head count
+    w_k, w_v, b_k, b_v, proj = make_layer(heads, head_size, bias, spill, seed, refine)
+    rotary = ROPES[rope](head_size)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, heads * head_size, generator=g, dtype=torch.float64)
+    positions = torch.randperm(300, generator=g)[:tokens]
+    k = (x @ w_k + (0 if b_k is None else b_k)).view(tokens, heads, head_size)
+    k = k if rotary is None else rotate(k, positions, Rotary(rotary.cos_sin.double(), rotary.rotary_dim, rotary.neox))
+    v = (x @ w_v + (0 if b_v is None else b_v)).view(tokens, heads, head_size)
+    num_blocks = 6
+    cache = torch.randn(num_blocks, block_size, heads, head_size + spill // heads, generator=g).to(cache_dtype)
+    slots = torch.randperm((num_blocks - 1) * block_size, generator=g)[:tokens] + block_size  # never the null block
+    slots[torch.randperm(tokens, generator=g)[:3]] = -1
+    return k.to(model_dtype), v.to(model_dtype), positions, slots, cache.transpose(1, 2), proj, rotary
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("model_dtype,cache_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16),
+    (torch.float16, torch.float16),
+])
+@pytest.mark.parametrize("heads", [4, 5])
+def test_fused_store_writes_what_the_torch_form_writes(rope, layer, model_dtype, cache_dtype, heads):
+    """The CPU's fused store against `cache_rows` + `write_rows`: the same rows at the same slots, up to
+    one rounding step of the cache's dtype (float32 sums in another order), padding skipped (the torch
+    form puts it in the null block, which nothing reads); 5 heads: not a whole register block."""
+    key, value, positions, slots, cache, proj, rotary = store_case(heads, 16, layer, rope, model_dtype, cache_dtype)
+    # A row stride of its own, as the engine's split of its fused qkv output hands keys over.
+    key = torch.cat((key, torch.zeros_like(key)), dim=1)[:, :heads]
+    expected, got = cache.clone(), cache.clone()
+    store_rows(expected, key, value, positions, slots, proj, rotary, fused=False)
+    store_rows(got, key, value, positions, slots, proj, rotary, fused=True)
+    assert not torch.equal(got[1:], cache[1:])
+    ulp = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[cache_dtype]
+    torch.testing.assert_close(got[1:].float(), expected[1:].float(), rtol=ulp, atol=ulp)
+    torch.testing.assert_close(got[0], cache[0])
+
+
+@pytest.mark.parametrize("rope", ["neox", "gptj_partial"])
+def test_fused_loops_with_heads_not_a_whole_register_block(rope):
+    """5 heads of 16 with one spill coordinate each (rows of 85 floats: no whole 8-float vector at the
+    end): the fused store then the fused decode against the naive reference on the rows the torch form
+    builds, for a sequence that crosses pages."""
+    heads, head_size, block_size, n = 5, 16, 8, 29
+    key, value, _, _, _, proj, rotary = store_case(heads, head_size, "refined_spill", rope, torch.float32, torch.float32,
+                                                   tokens=n, seed=4)
+    positions, slots = torch.arange(n), torch.arange(n) + block_size  # pages 1.. of one sequence
+    cache = torch.zeros(6, block_size, heads, head_size + 1).transpose(1, 2)
+    store_rows(cache, key, value, positions, slots, proj, rotary, fused=True)
+    q = torch.randn(2, heads, head_size)
+    table = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]], dtype=torch.int32)
+    got = paged_decode_slim_attention(q, cache, table, torch.tensor([n, 9]), 4, proj, rotary, 0.25, fused=True)
+    rows = cache_rows(key, value, positions, proj, rotary)
+    for i, length in enumerate([n, 9]):
+        ref = naive_slim_attention(q[i : i + 1], rows[:length], proj, rotary, 0.25)
         torch.testing.assert_close(got[i : i + 1], ref, rtol=1e-4, atol=1e-4)
 
 

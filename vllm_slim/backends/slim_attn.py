@@ -41,10 +41,9 @@ from vllm_slim.ops.slim import (
     Rotary,
     SlimNotApplicable,
     SlimProjection,
-    cache_rows,
     paged_decode_slim_attention,
     paged_prefill_slim_attention,
-    write_rows,
+    store_rows,
 )
 from vllm_slim.ops.slim.decode import pages_per_split
 from vllm_slim.ops.slim.policy import SlimLayout, SlimPolicy
@@ -211,8 +210,7 @@ class SlimAttentionImpl(AttentionImpl):
         if metadata is None:  # profiling / warm-up
             return
         n = metadata.num_tokens
-        rows = cache_rows(key[:n], value[:n], metadata.positions, self._projection(), self.rotary)
-        write_rows(kv_cache, rows, slot_mapping[:n])
+        store_rows(kv_cache, key[:n], value[:n], metadata.positions, slot_mapping[:n], self._projection(), self.rotary)
 
     def forward(
         self,

@@ -1,4 +1,4 @@
-"""The fused CPU loops (`slim/cpu_decode.c`, `sata/cpu_decode.c`): built at first use with the machine's
+"""The fused CPU loops (`slim/cpu_fused.c`, `sata/cpu_decode.c`): built at first use with the machine's
 C compiler, with OpenMP (sharing the libgomp torch already loaded, so they run on torch's own threads),
 cached by source and CPU flags, loaded with ctypes.
 

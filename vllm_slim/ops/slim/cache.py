@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_slim.ops.slim import cpu_kernel
 from vllm_slim.ops.slim.projection import SlimProjection, rebuild_values
 from vllm_slim.ops.slim.rope import Rotary, rotate, unrope
 
@@ -50,6 +51,27 @@ def write_rows(kv_cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.T
     block_size = kv_cache.shape[2]
     slots = slot_mapping[: rows.shape[0]].clamp_min(NULL_BLOCK * block_size)
     kv_cache[slots // block_size, :, slots % block_size] = rows.to(kv_cache.dtype)
+
+
+def store_rows(
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    proj: SlimProjection,
+    rotary: Rotary | None,
+    fused: bool | None = None,
+) -> None:
+    """Cache T new tokens: `cache_rows` written by `write_rows`, or the same in one fused C loop
+    (`fused`; default: where it can run, the CPU's form: per step it replaces some forty small torch
+    ops, whose overhead is most of a decode step's write)."""
+    if fused is None:
+        fused = cpu_kernel.supports(kv_cache, key.shape[1])
+    if fused:
+        cpu_kernel.fused_store_rows(kv_cache, key, value, positions, slot_mapping, proj, rotary)
+    else:
+        write_rows(kv_cache, cache_rows(key, value, positions, proj, rotary), slot_mapping)
 
 
 def read_rows(kv_cache: torch.Tensor, block_table: torch.Tensor, num_pages: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Slim's fused CPU decode (`cpu_decode.c`, built by `vllm_slim.ops.cpu_build`)."""
+"""Slim's fused CPU loops (`cpu_fused.c`, built by `vllm_slim.ops.cpu_build`): the cache write of a
+step's new tokens and the decode, each reading its inputs once in place."""
 
 import ctypes
 from pathlib import Path
@@ -6,18 +7,62 @@ from pathlib import Path
 import torch
 
 from vllm_slim.ops.cpu_build import library, pointer
+from vllm_slim.ops.slim.projection import SlimProjection
+from vllm_slim.ops.slim.rope import Rotary
 
-SOURCE = Path(__file__).with_name("cpu_decode.c")
+SOURCE = Path(__file__).with_name("cpu_fused.c")
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-MAX_HEADS = 256  # the kernel's per-head statistics live on its stack
+MAX_HEADS = 256  # the decode's per-head statistics live on its stack
 
 
 def supports(kv_cache: torch.Tensor, num_heads: int) -> bool:
-    """Whether the fused CPU decode can read this cache."""
+    """Whether the fused CPU loops can read and write this cache."""
     return (
         kv_cache.device.type == "cpu" and kv_cache.dtype in DTYPES and kv_cache.stride(-1) == 1
         and num_heads <= MAX_HEADS and library(SOURCE) is not None
     )
+
+
+def _rotary_args(rotary: Rotary | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    if rotary is None:
+        return like.new_zeros(1, dtype=torch.float32), 0, 0
+    return rotary.cos_sin.float().contiguous(), rotary.rotary_dim, int(rotary.neox)
+
+
+def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] with each token's heads side by side (a row stride of its own is fine)."""
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+
+
+def fused_store_rows(
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    proj: SlimProjection,
+    rotary: Rotary | None,
+) -> None:
+    """`cache.cache_rows` then `cache.write_rows` for T new tokens, by the fused C loop: key [T, H, D]
+    post-RoPE and value [T, H, Dv] in the model's dtype, positions and slots [T] (slot -1 skipped)."""
+    lib = library(SOURCE)
+    tokens, heads, head_size = key.shape
+    key, value = _heads_contiguous(key), _heads_contiguous(value.to(key.dtype))
+    slots = slot_mapping[:tokens].to(torch.int64).contiguous()
+    positions = positions[:tokens].to(torch.int64).contiguous()
+    cos_sin, rotary_dim, neox = _rotary_args(rotary, key)
+    # Held here until the call returns (float32, contiguous: as `solve_projection` made them).
+    maps = [None if m is None else m.float().contiguous() for m in (proj.refine, proj.spill_in, proj.k_bias, proj.v_bias)]
+    stride_block, stride_head, stride_token, _ = kv_cache.stride()
+    failed = lib.slim_store(
+        pointer(kv_cache), DTYPES[kv_cache.dtype], ctypes.c_int64(stride_block), ctypes.c_int64(stride_head),
+        ctypes.c_int64(stride_token), kv_cache.shape[2], pointer(key), pointer(value), DTYPES[key.dtype],
+        ctypes.c_int64(key.stride(0)), ctypes.c_int64(value.stride(0)), pointer(slots), pointer(positions), tokens,
+        heads, head_size, value.shape[-1], kv_cache.shape[-1] - head_size,
+        *(None if m is None else pointer(m) for m in maps), pointer(cos_sin), rotary_dim, neox,
+    )
+    if failed:
+        raise MemoryError("slim: the fused CPU store could not allocate its row buffers")
 
 
 def fused_decode_rows(
@@ -25,9 +70,7 @@ def fused_decode_rows(
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    rotary_dim: int,
-    neox: bool,
+    rotary: Rotary | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R] for one query per sequence
@@ -38,14 +81,14 @@ def fused_decode_rows(
     q = q.float().contiguous()
     table = block_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    table_cos_sin = cos_sin.float().contiguous() if cos_sin is not None else q.new_zeros(1)
+    cos_sin, rotary_dim, neox = _rotary_args(rotary, q)
     z = q.new_empty(batch, heads, heads * head_size)
     z_spill = q.new_empty(batch, heads, heads * spill)
     stride_block, stride_head, stride_token, _ = kv_cache.stride()
     failed = lib.slim_decode(
         pointer(kv_cache), DTYPES[kv_cache.dtype], ctypes.c_int64(stride_block), ctypes.c_int64(stride_head),
         ctypes.c_int64(stride_token), pointer(table), ctypes.c_int64(table.stride(0)), pointer(lens), pointer(q),
-        pointer(table_cos_sin), rotary_dim, int(neox), batch, heads, head_size, spill, kv_cache.shape[2],
+        pointer(cos_sin), rotary_dim, neox, batch, heads, head_size, spill, kv_cache.shape[2],
         ctypes.c_float(scale), pointer(z), pointer(z_spill),
     )
     if failed:

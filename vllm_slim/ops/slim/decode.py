@@ -50,10 +50,7 @@ def paged_decode_slim_attention(
     if fused is None:
         fused = cpu_kernel.supports(kv_cache, q.shape[1])
     if fused:
-        z, z_spill = cpu_kernel.fused_decode_rows(
-            q, kv_cache, block_table, seq_lens, None if rotary is None else rotary.cos_sin,
-            0 if rotary is None else rotary.rotary_dim, rotary is not None and rotary.neox, scale,
-        )
+        z, z_spill = cpu_kernel.fused_decode_rows(q, kv_cache, block_table, seq_lens, rotary, scale)
     else:
         z, z_spill = decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages)
     # Σ_l P_l·(K_raw,l − b_K) = Z − b_K, since each row of P sums to 1.
