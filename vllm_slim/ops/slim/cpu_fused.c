@@ -3,7 +3,9 @@
  *
  * Store (`slim_store`): for each new token, its K|spill row as `cache.cache_rows` builds it (raw key
  * and value, minus their biases, times the refinement and spill maps; the refined key re-rotated),
- * converted to the cache's dtype and written at its slot (slot -1, padding, is skipped).
+ * converted to the cache's dtype and written at its slot (slot -1, padding, is skipped). The products
+ * are split over slabs of the maps' columns as well as over tokens: a decode step's few tokens still
+ * use every thread on the maps, the larger read (128 MiB a layer at Llama-7B's shape).
  *
  * Decode (`slim_decode`): for each sequence, a tile of tokens at a time: scores s[h][l] = scale *
  * q_h . k_h,l from the post-RoPE keys, each row un-rotated once (the RoPE of position l undone for
@@ -234,86 +236,95 @@ static void accumulate(float *acc, int ld_acc, const float *a, int ld_a, const f
 
 /* ---- store ---- */
 
-/* Rows for up to HT tokens (count): kv0 [HT][K] holds each token's raw key minus its bias, then its
- * value minus its bias (zero rows past count); keys [HT][H*D] the keys to store, spill [HT][HR]. */
-static void store_block(void *cache, int cache_dtype, int64_t stride_block, int64_t stride_head, int64_t stride_token,
-                        int block_size, const void *key, const void *value, int in_dtype, int64_t key_stride,
-                        int64_t value_stride, const int64_t *slots, const int64_t *positions, int count, int H, int D,
-                        int Dv, int R, const float *refine, const float *spill_in, const float *k_bias,
-                        const float *v_bias, const float *cos_sin, int rotary_dim, int neox, float *kv0, float *keys,
-                        float *spill, float *scratch) {
-    const int HD = H * D, HR = H * R, K = HD + H * Dv, derived = refine != NULL || R > 0;
-    const int64_t in_size = element_size(in_dtype), cache_size = element_size(cache_dtype);
-    for (int t = 0; t < count; t++) {
-        load_row((const char *)key + t * key_stride * in_size, in_dtype, HD, keys + (int64_t)t * HD);
-        if (!derived) continue;
-        float *row = kv0 + (int64_t)t * K;
-        const float *cs = cos_sin + positions[t] * rotary_dim;
-        for (int h = 0; h < H; h++) rotate(keys + (int64_t)t * HD + h * D, cs, rotary_dim, neox, D, -1.0f, row + h * D);
-        load_row((const char *)value + t * value_stride * in_size, in_dtype, H * Dv, row + HD);
-        for (int j = 0; k_bias && j < HD; j++) row[j] -= k_bias[j];
-        for (int j = 0; v_bias && j < H * Dv; j++) row[HD + j] -= v_bias[j];
-    }
-    if (derived) {
-        memset(kv0 + (int64_t)count * K, 0, sizeof(float) * (HT - count) * K);
-        memset(spill, 0, sizeof(float) * HT * HR);
-        accumulate(spill, HR, kv0, K, spill_in, HR, K, HT, HR);
-    }
-    if (refine) { /* the least-squares input's key, re-rotated */
-        memset(scratch, 0, sizeof(float) * HT * HD);
-        accumulate(scratch, HD, kv0, K, refine, HD, K, HT, HD);
-        for (int t = 0; t < count; t++) {
-            float *refined = scratch + (int64_t)t * HD;
-            for (int j = 0; k_bias && j < HD; j++) refined[j] += k_bias[j];
-            for (int h = 0; h < H; h++)
-                rotate(refined + h * D, cos_sin + positions[t] * rotary_dim, rotary_dim, neox, D, 1.0f,
-                       keys + (int64_t)t * HD + h * D);
+/* Tokens per pass of the store (bounds its buffers); columns per task of its products. */
+enum { STORE_CHUNK = 64, SLAB = 48 };
+
+/* out [rows][W] = a [rows][K] . b [K][W], split over (block of HT rows, slab of columns) tasks so that
+ * one token's product still uses every thread (its map is the larger read). */
+static void product(float *out, const float *a, const float *b, int rows, int K, int W) {
+    const int slabs = (W + SLAB - 1) / SLAB;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int r0 = 0; r0 < rows; r0 += HT)
+        for (int s = 0; s < slabs; s++) {
+            const int j0 = s * SLAB, width = W - j0 < SLAB ? W - j0 : SLAB;
+            float *acc = out + (int64_t)r0 * W + j0;
+            for (int h = 0; h < HT; h++) memset(acc + (int64_t)h * W, 0, sizeof(float) * width);
+            accumulate(acc, W, a + (int64_t)r0 * K, K, b + j0, W, K, HT, width);
         }
-    }
-    for (int t = 0; t < count; t++) {
-        if (slots[t] < 0) continue;
-        const int64_t at = slots[t] / block_size * stride_block + slots[t] % block_size * stride_token;
-        for (int h = 0; h < H; h++) {
-            char *dst = (char *)cache + (at + h * stride_head) * cache_size;
-            store_row(keys + (int64_t)t * HD + h * D, D, cache_dtype, dst);
-            store_row(spill + (int64_t)t * HR + h * R, R, cache_dtype, dst + D * cache_size);
-        }
-    }
 }
 
-/* T new tokens' rows written at their slots; tokens split across torch's OpenMP threads, HT at a time.
- * key [T][H*D] (row stride key_stride elements), value [T][H*Dv]; refine [K][H*D] or NULL, spill_in
- * [K][H*R] (K = H*D + H*Dv); biases or NULL; cos_sin [positions][rotary_dim] (rotary_dim 0: none). */
+/* T new tokens' rows written at their slots, STORE_CHUNK tokens a pass, on torch's OpenMP threads:
+ * key [T][H*D] (row stride key_stride elements), value [T][H*Dv] (value_stride); refine [K][H*D] or
+ * NULL, spill_in [K][H*R] (K = H*D + H*Dv); biases or NULL; cos_sin [positions][rotary_dim]
+ * (rotary_dim 0: no RoPE). */
 int slim_store(void *cache, int cache_dtype, int64_t stride_block, int64_t stride_head, int64_t stride_token,
                int block_size, const void *key, const void *value, int in_dtype, int64_t key_stride,
                int64_t value_stride, const int64_t *slots, const int64_t *positions, int T, int H, int D, int Dv,
                int R, const float *refine, const float *spill_in, const float *k_bias, const float *v_bias,
                const float *cos_sin, int rotary_dim, int neox) {
-    const int HD = H * D, K = HD + H * Dv;
-    const int64_t in_size = element_size(in_dtype);
-    int status = 0;
-#pragma omp parallel reduction(| : status)
-    {
-        float *kv0 = malloc(sizeof(float) * HT * K);
-        float *keys = malloc(sizeof(float) * HT * HD);
-        float *spill = malloc(sizeof(float) * HT * (H * R + 1));
-        float *scratch = malloc(sizeof(float) * HT * HD);
-        if (!kv0 || !keys || !spill || !scratch) status = 1;
-#pragma omp for schedule(dynamic, 1)
-        for (int t0 = 0; t0 < T; t0 += HT) {
-            if (status) continue;
-            store_block(cache, cache_dtype, stride_block, stride_head, stride_token, block_size,
-                        (const char *)key + t0 * key_stride * in_size, (const char *)value + t0 * value_stride * in_size,
-                        in_dtype, key_stride, value_stride, slots + t0, positions + t0, T - t0 < HT ? T - t0 : HT, H,
-                        D, Dv, R, refine, spill_in, k_bias, v_bias, cos_sin, rotary_dim, neox, kv0, keys, spill,
-                        scratch);
-        }
+    const int HD = H * D, HR = H * R, K = HD + H * Dv, derived = refine != NULL || R > 0;
+    const int64_t in_size = element_size(in_dtype), cache_size = element_size(cache_dtype);
+    /* kv0: each token's raw key minus its bias, then its value minus its bias (rows past the chunk's
+     * tokens zero); keys: what is stored as the key; refined, spill: the products. */
+    float *kv0 = calloc((size_t)STORE_CHUNK * K, sizeof(float));
+    float *keys = malloc(sizeof(float) * STORE_CHUNK * HD);
+    float *refined = malloc(sizeof(float) * STORE_CHUNK * HD);
+    float *spill = malloc(sizeof(float) * STORE_CHUNK * (HR + 1));
+    if (!kv0 || !keys || !refined || !spill) {
         free(kv0);
         free(keys);
+        free(refined);
         free(spill);
-        free(scratch);
+        return 1;
     }
-    return status;
+    for (int first = 0; first < T; first += STORE_CHUNK) {
+        const int count = T - first < STORE_CHUNK ? T - first : STORE_CHUNK, rows = round_up(count, HT);
+#pragma omp parallel
+        {
+#pragma omp for schedule(static)
+            for (int t = 0; t < rows; t++) {
+                float *row = kv0 + (int64_t)t * K;
+                if (t >= count) {
+                    memset(row, 0, sizeof(float) * K);
+                    continue;
+                }
+                const int64_t n = first + t;
+                load_row((const char *)key + n * key_stride * in_size, in_dtype, HD, keys + (int64_t)t * HD);
+                if (!derived) continue;
+                const float *cs = cos_sin + positions[n] * rotary_dim;
+                for (int h = 0; h < H; h++)
+                    rotate(keys + (int64_t)t * HD + h * D, cs, rotary_dim, neox, D, -1.0f, row + h * D);
+                load_row((const char *)value + n * value_stride * in_size, in_dtype, H * Dv, row + HD);
+                for (int j = 0; k_bias && j < HD; j++) row[j] -= k_bias[j];
+                for (int j = 0; v_bias && j < H * Dv; j++) row[HD + j] -= v_bias[j];
+            }
+            if (R > 0) product(spill, kv0, spill_in, rows, K, HR);
+            if (refine) product(refined, kv0, refine, rows, K, HD);
+#pragma omp for schedule(static)
+            for (int t = 0; t < count; t++) {
+                const int64_t n = first + t;
+                if (slots[n] < 0) continue;
+                if (refine) { /* the least-squares input's key, re-rotated */
+                    float *r = refined + (int64_t)t * HD;
+                    for (int j = 0; k_bias && j < HD; j++) r[j] += k_bias[j];
+                    for (int h = 0; h < H; h++)
+                        rotate(r + h * D, cos_sin + positions[n] * rotary_dim, rotary_dim, neox, D, 1.0f,
+                               keys + (int64_t)t * HD + h * D);
+                }
+                const int64_t at = slots[n] / block_size * stride_block + slots[n] % block_size * stride_token;
+                for (int h = 0; h < H; h++) {
+                    char *dst = (char *)cache + (at + h * stride_head) * cache_size;
+                    store_row(keys + (int64_t)t * HD + h * D, D, cache_dtype, dst);
+                    store_row(spill + (int64_t)t * HR + h * R, R, cache_dtype, dst + D * cache_size);
+                }
+            }
+        }
+    }
+    free(kv0);
+    free(keys);
+    free(refined);
+    free(spill);
+    return 0;
 }
 
 /* ---- decode ---- */
