@@ -4,8 +4,7 @@
  * Store (`slim_store`): for each new token, its K|spill row as `cache.cache_rows` builds it (raw key
  * and value, minus their biases, times the refinement and spill maps; the refined key re-rotated),
  * converted to the cache's dtype and written at its slot (slot -1, padding, is skipped). The products
- * are split over slabs of the maps' columns as well as over tokens: a decode step's few tokens still
- * use every thread on the maps, the larger read (128 MiB a layer at Llama-7B's shape).
+ * are split over slabs of the maps' columns as well as over tokens (see `product`).
  *
  * Decode (`slim_decode`): for each sequence, a tile of tokens at a time: scores s[h][l] = scale *
  * q_h . k_h,l from the post-RoPE keys, each row un-rotated once (the RoPE of position l undone for
@@ -236,11 +235,13 @@ static void accumulate(float *acc, int ld_acc, const float *a, int ld_a, const f
 
 /* ---- store ---- */
 
-/* Tokens per pass of the store (bounds its buffers); columns per task of its products. */
-enum { STORE_CHUNK = 64, SLAB = 48 };
+/* Tokens per pass of the store (bounds its buffers); columns per task of its products, and rows of
+ * a map per sweep (a 128 x 512 piece of it, 256 KiB, stays in L2 while every register block reads it). */
+enum { STORE_CHUNK = 64, SLAB = 512, MAP_ROWS = 128 };
 
 /* out [rows][W] = a [rows][K] . b [K][W], split over (block of HT rows, slab of columns) tasks so that
- * one token's product still uses every thread (its map is the larger read). */
+ * one token's product still uses every thread on the map, the larger read (128 MiB a layer at
+ * Llama-7B's shape), which each task reads in contiguous row pieces. */
 static void product(float *out, const float *a, const float *b, int rows, int K, int W) {
     const int slabs = (W + SLAB - 1) / SLAB;
 #pragma omp for collapse(2) schedule(dynamic, 1)
@@ -249,7 +250,9 @@ static void product(float *out, const float *a, const float *b, int rows, int K,
             const int j0 = s * SLAB, width = W - j0 < SLAB ? W - j0 : SLAB;
             float *acc = out + (int64_t)r0 * W + j0;
             for (int h = 0; h < HT; h++) memset(acc + (int64_t)h * W, 0, sizeof(float) * width);
-            accumulate(acc, W, a + (int64_t)r0 * K, K, b + j0, W, K, HT, width);
+            for (int k0 = 0; k0 < K; k0 += MAP_ROWS)
+                accumulate(acc, W, a + (int64_t)r0 * K + k0, K, b + (int64_t)k0 * W + j0, W,
+                           K - k0 < MAP_ROWS ? K - k0 : MAP_ROWS, HT, width);
         }
 }
 
