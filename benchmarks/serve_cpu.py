@@ -110,6 +110,14 @@ def measure(model: Path, budget: str, backend: str, repeats: int, scratch: Path)
     return {**median, "num_gpu_blocks": blocks, "output_tok_s_runs": [run["output_tok_s"] for run in runs]}
 
 
+def stock_row(records: list[dict], record: dict) -> dict | None:
+    """The stock row a row is compared with: its own run's, else the one its `stock_label` names (this
+    machine's speed drifts between sessions: a ratio holds only within one), else the first."""
+    stock = [r for r in records if r["budget"] == record["budget"] and r["backend"] == "stock" and "refused" not in r]
+    return next((r for r in stock if r["label"] == record["label"]), None) or next(
+        (r for r in stock if r["label"] == record.get("stock_label")), None) or next(iter(stock), None)
+
+
 def write_report(records: list[dict]) -> None:
     from matplotlib.figure import Figure
 
@@ -119,9 +127,10 @@ def write_report(records: list[dict]) -> None:
         *[f"Command ({label}): `{command}`  " for label, command in
           dict((r["label"], r["command"]) for r in records).items()],
         f"Machine: {records[-1]['machine']}  ",
-        "An earlier version is measured by running this script with the python of an environment that has it "
-        "installed (here: commit bdb81fe, the code before this change), from a directory without this checkout; "
-        "its `x stock` is against this run's stock rows (the stock backend is vLLM's, the same code).  ",
+        "An earlier version is measured by running this script from a checkout of it (its `vllm_slim` is then "
+        "the one imported, by the server too), or with the python of an environment that has it installed; "
+        "`x stock` is against the stock row of the same run, else of the run `--stock-label` names (the stock "
+        "backend is vLLM's, the same code; this machine's speed differs between sessions).  ",
         "Model: 4-layer bfloat16 MHA Llama, 4 heads x 64 (hidden 256), random weights; "
         "`vllm bench serve` random dataset, 512 in / 256 out, 32 prompts, concurrency 16, EOS ignored; "
         "median of the runs listed (after one warm-up run on the same server).",
@@ -131,8 +140,7 @@ def write_report(records: list[dict]) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
-        stock = next((r for r in records if r["budget"] == record["budget"] and r["backend"] == "stock"
-                      and "refused" not in r), None)
+        stock = stock_row(records, record)
         if "refused" in record:
             lines.append(f"| {record['label']} | {record['date']} | {record['budget']} | {record['backend']} | "
                          f"refused at start-up: {record['refused']} ||||||")
@@ -166,6 +174,7 @@ def main() -> None:
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    parser.add_argument("--stock-label", help="the run whose stock rows this run's are compared with")
     args = parser.parse_args()
     store = RESULTS / "serve_cpu.json"
     records = json.loads(store.read_text()) if store.exists() else []
@@ -183,6 +192,7 @@ def main() -> None:
                     "command": shlex.join(["python", "-m", "benchmarks.serve_cpu", *sys.argv[1:]]),
                     "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), "
                                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+                    "stock_label": args.stock_label or args.label,
                     **result,
                 })
                 store.write_text(json.dumps(records, indent=1))

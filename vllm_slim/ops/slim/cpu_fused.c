@@ -16,8 +16,9 @@
  * Both products (refinement and spill maps; weights times the tile of raw rows) are one
  * register-blocked routine, `accumulate`. With AVX2 and FMA (x86-64 since 2013) the inner loops use
  * 8-float vectors explicitly: left to the compiler, the product kept its accumulators in memory, the
- * exponentials stayed scalar calls and the rotation stayed scalar, at three times the time (measured
- * in benchmarks/results/decode_cpu.md). Elsewhere the same loops run as plain C.
+ * exponentials stayed scalar calls and the rotation stayed scalar: the decode took 1.6 times as long
+ * (16 sequences x 640 tokens at 4 x 64: 1.01 against 0.63 ms on 2 cores). Elsewhere the same loops
+ * run as plain C.
  *
  * Built at first use by `cpu_kernel.py` with the machine's C compiler; no Python or torch headers.
  */
