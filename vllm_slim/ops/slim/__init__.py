@@ -4,7 +4,8 @@ cache    — the paged layout: the rows cached per token, their write at slots (
            and read per sequence
 naive    — reference: one sequence, rebuild V, plain attention (one head, one query at a time)
 parallel — prefill, batched over packed varlen queries: rebuild V once per sequence, fused attention
-decode   — decode, batched: reordered (softmax·K)·W_KV, no V materialised
+decode   — decode, batched: reordered (softmax·K)·W_KV, no V materialised; its fused forms are
+           cpu_kernel (C loops, also the cache write) and triton_decode (CUDA)
 """
 
 from vllm_slim.ops.slim.cache import cache_rows, read_rows, store_rows, write_rows

@@ -5,11 +5,15 @@ product per sequence over the key row (shared by all heads); then each head maps
 through its own W_KV block, one batched product per layer for the whole batch (W_KV read once).
 No V is ever materialised: (1 + H)·L·d multiply-adds per query where stock attention does 2·L·d.
 
-Z comes from one of two forms with one contract (`decode_rows`):
+Z comes from one of three forms with one contract (`decode_rows`):
 - torch: a split of pages at a time (flash-decoding: each split keeps its own softmax statistics,
   the splits are merged by log-sum-exp), so the working set is one split, never the whole context;
-- fused (`cpu_kernel`, the CPU's default when a C compiler is there): each row read in place.
+- fused on the CPU (`cpu_kernel`, the default when a C compiler is there): each row read in place;
+- fused on CUDA (`triton_decode`, two Triton kernels); VLLM_SLIM_TRITON=1 makes them the CPU's fused
+  form too, under Triton's interpreter (for tests: the interpreter gives no speed).
 """
+
+import os
 
 import torch
 
@@ -43,13 +47,18 @@ def paged_decode_slim_attention(
 
     q [B, H, D] post-RoPE; kv_cache [num_blocks, H, block_size, D + r_h]; block_table [B, >= num_pages];
     seq_lens [B] cached tokens per sequence, at most num_pages·block_size (a padded row may give 0:
-    its output is finite and meaningless); split_pages: the torch form's pages per split (default:
-    all in one); fused: the fused CPU form (default: where it can run). Returns [B, H, Dv] float32.
-    The torch form does no host sync.
+    its output is finite and meaningless); split_pages: pages per split of the torch and Triton forms
+    (default: all in one); fused: the device's fused form (default: on CUDA, and on the CPU where the C
+    loop can run). Returns [B, H, Dv] float32. The torch and Triton forms do no host sync.
     """
+    triton = kv_cache.is_cuda or os.environ.get("VLLM_SLIM_TRITON") == "1"
     if fused is None:
-        fused = cpu_kernel.supports(kv_cache, q.shape[1])
-    if fused:
+        fused = triton or cpu_kernel.supports(kv_cache, q.shape[1])
+    if fused and triton:
+        from vllm_slim.ops.slim.triton_decode import triton_decode_rows  # imports triton: only when used
+
+        z, z_spill = triton_decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages)
+    elif fused:
         z, z_spill = cpu_kernel.fused_decode_rows(q, kv_cache, block_table, seq_lens, rotary, scale)
     else:
         z, z_spill = decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages)
