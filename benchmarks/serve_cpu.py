@@ -48,9 +48,9 @@ BENCH_MAIN = (
 )
 
 
-def bench_model(root: Path) -> Path:
-    return build_model("llama", root / "llama-4x64-bf16", hidden_size=256, num_heads=4, num_layers=4,
-                       max_position=2048, dtype="bfloat16")
+def bench_model(root: Path, max_position: int = 2048) -> Path:
+    return build_model("llama", root / f"llama-4x64-bf16-{max_position}", hidden_size=256, num_heads=4,
+                       num_layers=4, max_position=max_position, dtype="bfloat16")
 
 
 def counter(metrics: str, name: str) -> float:
@@ -72,13 +72,13 @@ class MetricsSampler(threading.Thread):
                 pass
 
 
-def bench_once(server: Server, model: Path, out_dir: Path, name: str) -> dict:
+def bench_once(server: Server, model: Path, out_dir: Path, name: str, bench_args: list[str] = BENCH_ARGS) -> dict:
     preempted = counter(server.metrics(), "vllm:num_preemptions_total")
     sampler = MetricsSampler(server)
     sampler.start()
     command = [
         sys.executable, "-c", BENCH_MAIN, "--backend", "vllm", "--base-url", server.url, "--model", str(model),
-        *BENCH_ARGS, "--save-result", "--result-dir", str(out_dir), "--result-filename", f"{name}.json",
+        *bench_args, "--save-result", "--result-dir", str(out_dir), "--result-filename", f"{name}.json",
     ]
     subprocess.run(command, check=True, capture_output=True, text=True)
     sampler.done.set()
@@ -86,7 +86,8 @@ def bench_once(server: Server, model: Path, out_dir: Path, name: str) -> dict:
     result = json.loads((out_dir / f"{name}.json").read_text())
     return {
         "output_tok_s": result["output_throughput"], "mean_ttft_ms": result["mean_ttft_ms"],
-        "mean_tpot_ms": result["mean_tpot_ms"], "completed": result["completed"],
+        "mean_tpot_ms": result["mean_tpot_ms"], "median_itl_ms": result["median_itl_ms"],
+        "completed": result["completed"],
         "peak_running": sampler.peak,
         "preemptions": counter(server.metrics(), "vllm:num_preemptions_total") - preempted,
     }
@@ -108,6 +109,11 @@ def measure(model: Path, budget: str, backend: str, repeats: int, scratch: Path)
         server.stop()
     median = sorted(runs, key=lambda run: run["output_tok_s"])[len(runs) // 2]
     return {**median, "num_gpu_blocks": blocks, "output_tok_s_runs": [run["output_tok_s"] for run in runs]}
+
+
+def machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {memory:.0f} GiB"
 
 
 def stock_row(records: list[dict], record: dict) -> dict | None:
@@ -190,9 +196,7 @@ def main() -> None:
                     "label": args.label, "budget": budget, "backend": backend,
                     "date": datetime.date.today().isoformat(),
                     "command": shlex.join(["python", "-m", "benchmarks.serve_cpu", *sys.argv[1:]]),
-                    "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), "
-                               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
-                    "stock_label": args.stock_label or args.label,
+                    "machine": machine(), "stock_label": args.stock_label or args.label,
                     **result,
                 })
                 store.write_text(json.dumps(records, indent=1))
