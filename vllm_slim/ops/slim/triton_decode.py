@@ -8,43 +8,22 @@ accumulation), the rotation done in registers from the cos/sin table (NeoX or GP
 rotary). The splits' partials share M, so they add. The result is `decode.decode_rows`'s contract:
 normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R].
 
-On CUDA these kernels are slim's decode. Without CUDA they run under Triton's interpreter, for tests:
-the interpreter is chosen when a function is decorated, so this module's are decorated with
-TRITON_INTERPRET set for the moment (nothing else in the process sees it), and they call only
-builtins: triton's own jitted helpers (tl.sum, tl.max) were decorated without it when triton was
-imported, so reductions go through tl.reduce with the combine functions below. Triton 3.6 (the GPU
-machine's) and 3.9 (the CPU venv's) both have everything used here. No host sync: the launch sizes come
-from host numbers the metadata already holds (pages, split length).
+On CUDA these kernels are slim's decode; without CUDA they run under Triton's interpreter, for tests
+(`ops/triton_build.py`). No host sync: the launch sizes come from host numbers the metadata already
+holds (pages, split length).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from vllm_slim.ops.slim.rope import Rotary
+from vllm_slim.ops.triton_build import add, check_device, kernel_definitions, larger, pad
 
 BLOCK_N = 32  # tokens per tile of a split
 
 
-def _pad(n: int) -> int:
-    """The power of two ≥ max(n, 16) that a tile of n columns takes (tl.dot needs 16 or more)."""
-    return max(16, 1 << max(0, n - 1).bit_length())
-
-
-INTERPRETED = not torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1" if INTERPRETED else "0"
-try:
-
-    @triton.jit
-    def _add(a, b):
-        return a + b
-
-    @triton.jit
-    def _larger(a, b):
-        return tl.maximum(a, b)
+with kernel_definitions():
 
     @triton.jit
     def scores_kernel(
@@ -66,11 +45,11 @@ try:
             block = tl.load(table_ptr + b * table_stride + lane // BLOCK_SIZE, mask=valid, other=0)
             at = block.to(tl.int64) * stride_block + h * stride_head + (lane % BLOCK_SIZE) * stride_token
             k = tl.load(cache_ptr + at[:, None] + d[None, :], mask=valid[:, None] & (d[None, :] < D), other=0.0)
-            score = tl.where(valid, tl.reduce(k.to(tl.float32) * q[None, :], 1, _add) * scale, float("-inf"))
+            score = tl.where(valid, tl.reduce(k.to(tl.float32) * q[None, :], 1, add) * scale, float("-inf"))
             tl.store(scores_ptr + row * max_len + lane, score)
-            top = tl.maximum(peak, tl.reduce(score, 0, _larger))
+            top = tl.maximum(peak, tl.reduce(score, 0, larger))
             base = tl.where(top == float("-inf"), 0.0, top)  # a tile past the end: nothing to add
-            total = total * tl.exp(peak - base) + tl.reduce(tl.exp(score - base), 0, _add)
+            total = total * tl.exp(peak - base) + tl.reduce(tl.exp(score - base), 0, add)
             peak = top
         tl.store(max_ptr + row * num_splits + s, peak)
         tl.store(sum_ptr + row * num_splits + s, total)
@@ -90,7 +69,7 @@ try:
         splits = tl.arange(0, S_PAD)
         maxes = tl.load(max_ptr + rows[:, None] * num_splits + splits[None, :],
                         mask=(heads[:, None] < H) & (splits[None, :] < num_splits), other=float("-inf"))
-        peak = tl.reduce(maxes, 1, _larger)
+        peak = tl.reduce(maxes, 1, larger)
         peak = tl.where(peak == float("-inf"), 0.0, peak)  # padding heads
         half = ROT // 2
         i = tl.arange(0, HALF_PAD)
@@ -134,12 +113,6 @@ try:
         tl.store(z_row + tail[None, :], acc_tail, mask=live & (tail[None, :] < D))
         tl.store(zs_ptr + out * (H * R) + g * R + r[None, :], acc_spill, mask=live & (r[None, :] < R))
 
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-
 
 def triton_decode_rows(
     q: torch.Tensor,
@@ -159,7 +132,7 @@ def triton_decode_rows(
     split_pages = max(1, split_pages or num_pages)
     num_splits = -(-max(num_pages, 1) // split_pages)
     split_len = split_pages * block_size
-    tile = min(BLOCK_N, _pad(split_len))
+    tile = min(BLOCK_N, pad(split_len))
     split_len = -(-split_len // tile) * tile
     max_len = num_splits * split_len
     device = q.device
@@ -174,20 +147,19 @@ def triton_decode_rows(
     stride_block, stride_head, stride_token, last = kv_cache.stride()
     if last != 1:
         raise ValueError("slim: the Triton decode reads cache rows with unit stride")
-    if (device.type == "cuda") == INTERPRETED:
-        raise RuntimeError(f"slim: the Triton decode was built for {'the interpreter' if INTERPRETED else 'CUDA'}, not {device}")
+    check_device(device, "slim: the Triton decode")
     grid = (batch, num_splits, heads)
     scores_kernel[grid](
         q.contiguous(), kv_cache, table, lens, scores, maxes, sums,
         stride_block, stride_head, stride_token, table.stride(0), scale, split_len, num_splits, max_len,
-        H=heads, D=head_size, D_PAD=_pad(head_size), BLOCK_SIZE=block_size, TILE=tile,
+        H=heads, D=head_size, D_PAD=pad(head_size), BLOCK_SIZE=block_size, TILE=tile,
     )
     accumulate_kernel[grid](
         kv_cache, table, lens, cos_sin, scores, maxes, z, z_spill,
         stride_block, stride_head, stride_token, table.stride(0), split_len, num_splits, max_len,
-        H=heads, H_PAD=_pad(heads), D=head_size, R=spill, R_PAD=_pad(spill), ROT=rotary_dim,
-        HALF_PAD=_pad(rotary_dim // 2), TAIL_PAD=_pad(head_size - rotary_dim),
-        NEOX=rotary is None or rotary.neox, S_PAD=_pad(num_splits), BLOCK_SIZE=block_size, TILE=tile,
+        H=heads, H_PAD=pad(heads), D=head_size, R=spill, R_PAD=pad(spill), ROT=rotary_dim,
+        HALF_PAD=pad(rotary_dim // 2), TAIL_PAD=pad(head_size - rotary_dim),
+        NEOX=rotary is None or rotary.neox, S_PAD=pad(num_splits), BLOCK_SIZE=block_size, TILE=tile,
     )
     # Every split's partial is scaled by the same max; the sums are merged the same way.
     peak = maxes.amax(-1, keepdim=True)

@@ -1,0 +1,58 @@
+"""What this package's Triton kernels share: where they run, and the builtins-only helpers they call.
+
+On CUDA the kernels are compiled. Without CUDA they run under Triton's interpreter, for tests: the
+interpreter is chosen when a function is decorated, so kernels are decorated inside `kernel_definitions()`,
+which sets TRITON_INTERPRET for that moment only (nothing else in the process sees it, notes §5). Kernels
+call only builtins and the functions below: triton's own jitted helpers (tl.sum, tl.max, tl.zeros) were
+decorated without the interpreter when triton was imported, and fail under it. `tl` must be a global of
+each kernel's module: the interpreter patches the `triton.language` it finds there. Triton 3.6 (the GPU
+machine's) and 3.9 (the CPU venv's) both have everything used here.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def kernel_definitions():
+    """Decorate the kernels defined in this block for the interpreter (no CUDA) or the compiler."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if INTERPRETED else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def pad(n: int) -> int:
+    """The power of two ≥ max(n, 16) that a tile of n columns takes (tl.dot needs 16 or more)."""
+    return max(16, 1 << max(0, n - 1).bit_length())
+
+
+def check_device(device: torch.device, what: str) -> None:
+    """Refuse a launch on a device the kernels were not decorated for."""
+    if (device.type == "cuda") == INTERPRETED:
+        built = "the interpreter" if INTERPRETED else "CUDA"
+        raise RuntimeError(f"{what} was built for {built}, not {device}")
+
+
+with kernel_definitions():
+
+    @triton.jit
+    def add(a, b):
+        """tl.reduce's combine for a sum."""
+        return a + b
+
+    @triton.jit
+    def larger(a, b):
+        """tl.reduce's combine for a max."""
+        return tl.maximum(a, b)
