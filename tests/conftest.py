@@ -87,14 +87,14 @@ class ServerPool:
         self.max_alive = max_alive
         self.alive: OrderedDict[tuple, Server] = OrderedDict()
 
-    def get(self, model: Path | str, *args: str) -> Server:
-        key = (str(model), args)
+    def get(self, model: Path | str, *args: str, env: dict[str, str] | None = None) -> Server:
+        key = (str(model), args, tuple(sorted((env or {}).items())))
         if key in self.alive:
             self.alive.move_to_end(key)
             return self.alive[key]
         while len(self.alive) >= self.max_alive:
             self.alive.popitem(last=False)[1].stop()
-        server = Server(str(model), [*SERVER_ARGS, *args], env=core_binding()).__enter__()
+        server = Server(str(model), [*SERVER_ARGS, *args], env={**core_binding(), **(env or {})}).__enter__()
         self.alive[key] = server
         return server
 

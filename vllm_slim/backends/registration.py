@@ -23,6 +23,8 @@ import torch
 
 from vllm.logger import init_logger
 
+from vllm_slim.ops.dispatch import kernel_path
+
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's configured logger
 
 BACKENDS = {
@@ -187,6 +189,7 @@ def bind_slim_layers(model: torch.nn.Module) -> None:
             )
         attn.impl.bind(attn, layout, proj, w.rotary)
         logger.info("slim: layer %s runs SLIM (binding checked: V error %.2e)", name, error)
+    logger.info("slim: cache writes and decode through %s", kernel_path(next(iter(weights.values())).w_k.device))
 
 
 def check_positions(rotary, device) -> torch.Tensor:
@@ -205,6 +208,7 @@ def bind_sata_layers(model: torch.nn.Module) -> None:
         attn.impl.bind(attn)
     if layers:
         log_state(list(layers.values()))
+        logger.info("sata: decodes without a window through %s", kernel_path(next(model.parameters()).device))
 
 
 def _selects_sata(vllm_config) -> bool:

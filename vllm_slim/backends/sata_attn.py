@@ -9,8 +9,9 @@ recent tokens, kept in the same fixed-size state, and the series for everything 
 
 Per step the builder gathers each request's state block into a persistent index buffer and the
 tokens each state already holds (all on the device); `forward` runs one batched chunk form over
-every sequence of the step, prefills and decodes alike (on the CPU, a step of decodes alone runs the
-fused loop of `ops/sata/cpu_decode.c`, each state read and written once in place).
+every sequence of the step, prefills and decodes alike. Plain sata's decodes (no window) run a fused
+form instead, each state read and written once in place: the Triton kernel of `ops/sata/triton_decode.py`
+on CUDA, the loop of `ops/sata/cpu_decode.c` on the CPU.
 """
 
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
 from vllm_slim.backends.common import DecoderAttentionBackend, bind_cache_spec, unsupported_features
+from vllm_slim.ops.dispatch import uses_triton
 from vllm_slim.ops.sata import chunk_sata_varlen, state_size
 from vllm_slim.ops.sata import cpu_kernel as sata_cpu
 from vllm_slim.ops.sata.basis import feature_tables
@@ -210,9 +212,14 @@ class SataAttentionImpl(AttentionImpl):
     ) -> torch.Tensor:
         """[tokens, H, d_v] for the step's decodes (max_query_len 1) or its prefills: `requests`."""
         indices, reset, context_lens = md.state_indices[requests], md.reset[requests], md.context_lens[requests]
-        if max_query_len == 1 and sata_cpu.supports(pages, self.policy.window):
-            # Decodes on the CPU: each state read and written once, in place.
-            return sata_cpu.fused_decode_sata(q, k, v, pages, indices, reset, self.scale, self.policy.order)
+        if max_query_len == 1 and not self.policy.window:
+            # Plain sata's decodes: each state read and written once, in place.
+            if uses_triton(pages.device):
+                from vllm_slim.ops.sata.triton_decode import triton_decode_sata  # imports triton: only when used
+
+                return triton_decode_sata(q, k, v, pages, indices, reset, self.scale, self.policy.order)
+            if sata_cpu.supports(pages, self.policy.window):
+                return sata_cpu.fused_decode_sata(q, k, v, pages, indices, reset, self.scale, self.policy.order)
         query_start_loc = md.decode_query_start_loc if max_query_len == 1 else md.prefill_query_start_loc
         return chunk_sata_varlen(
             q, k, v, query_start_loc, context_lens, max_query_len, pages, indices, reset, self.scale,

@@ -205,7 +205,7 @@ class SlimAttentionImpl(AttentionImpl):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Store each new token's K|spill row at its slot (slot −1, padding, lands in the null block)."""
+        """Store each new token's K|spill row at its slot (slot −1, padding, never reaches a real block)."""
         metadata = step_metadata(layer.layer_name)
         if metadata is None:  # profiling / warm-up
             return

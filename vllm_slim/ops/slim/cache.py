@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_slim.ops.dispatch import uses_triton
 from vllm_slim.ops.slim import cpu_kernel
 from vllm_slim.ops.slim.projection import SlimProjection, rebuild_values
 from vllm_slim.ops.slim.rope import Rotary, rotate, unrope
@@ -65,13 +66,20 @@ def store_rows(
     rotary: Rotary | None,
     fused: bool | None = None,
 ) -> None:
-    """Cache T new tokens: `cache_rows` written by `write_rows`, or the same in one fused C loop
-    (`fused`; default: on the CPU for maps up to FUSED_STORE_MAP_BYTES, where some forty small torch ops
-    cost more than the products: 0.36 -> 0.10 ms for 16 tokens at 4 x 64; past that, BLAS's products
-    win: at Llama-7B's 32 x 128 the C loop took 45 ms for 16 tokens where torch took 20)."""
+    """Cache T new tokens: `cache_rows` written by `write_rows`, or the same by the device's fused form
+    (`fused`), which writes no padding row at all. Fused by default: on CUDA, the Triton kernels of
+    `triton_store` (VLLM_SLIM_TRITON=1 makes them the CPU's fused form too, under Triton's interpreter: for
+    tests, it gives no speed); on the CPU, one C loop for maps up to FUSED_STORE_MAP_BYTES, where some forty
+    small torch ops cost more than the products: 0.36 -> 0.10 ms for 16 tokens at 4 x 64; past that, BLAS's
+    products win: at Llama-7B's 32 x 128 the C loop took 45 ms for 16 tokens where torch took 20)."""
+    triton = uses_triton(kv_cache.device)
     if fused is None:
-        fused = cpu_kernel.supports(kv_cache, key.shape[1]) and proj.map_bytes <= FUSED_STORE_MAP_BYTES
-    if fused:
+        fused = triton or (cpu_kernel.supports(kv_cache, key.shape[1]) and proj.map_bytes <= FUSED_STORE_MAP_BYTES)
+    if fused and triton:
+        from vllm_slim.ops.slim.triton_store import triton_store_rows  # imports triton: only when used
+
+        triton_store_rows(kv_cache, key, value, positions, slot_mapping, proj, rotary)
+    elif fused:
         cpu_kernel.fused_store_rows(kv_cache, key, value, positions, slot_mapping, proj, rotary)
     else:
         write_rows(kv_cache, cache_rows(key, value, positions, proj, rotary), slot_mapping)
