@@ -1,7 +1,8 @@
-"""Slim's Triton decode (`ops/slim/triton_decode.py`) against the torch form and the naive reference: on
-the CPU under Triton's interpreter at small shapes (ragged lengths, n = 1, page boundaries, several
-splits, a padded row, partial and interleaved rotary, spill 0 and > 0, padded head tiles), and,
-marked `gpu`, compiled on CUDA at Llama-7B's shape."""
+"""Slim's Triton decode (`ops/slim/triton_decode.py`), the one pass and the two, against the torch form and
+the naive reference: on the CPU under Triton's interpreter at small shapes (ragged lengths, n = 1, page
+boundaries, several splits, a padded row, partial and interleaved rotary, spill 0 and > 0, padded head
+tiles, a head count not a power of two, several column groups), and, marked `gpu`, compiled on CUDA at
+Llama-7B's shape."""
 
 import math
 
@@ -9,14 +10,20 @@ import pytest
 import torch
 
 from batches import rope_table
-from test_slim_ops import sequence_case, write_sequences
+from test_slim_ops import ROPES, sequence_case, write_sequences
 from vllm_slim.ops.slim import Rotary, naive_slim_attention, paged_decode_slim_attention
 from vllm_slim.ops.slim.decode import decode_rows
 from vllm_slim.ops.slim.triton_decode import triton_decode_rows
 
 
 def decode_case(heads, layer, rope, cache_dtype, seq_lens=(1, 17, 40), block_size=4, seed=2):
-    proj, rotary, rows = sequence_case(heads, 16, layer, rope, list(seq_lens), seed=seed)
+    """layer: a name in test_slim_ops.LAYERS (the rows that layer caches), or a spill width per head
+    (random rows, no layer: any head count)."""
+    if isinstance(layer, int):
+        g = torch.Generator().manual_seed(seed)
+        proj, rotary, rows = None, ROPES[rope](16), [torch.randn(n, heads, 16 + layer, generator=g) for n in seq_lens]
+    else:
+        proj, rotary, rows = sequence_case(heads, 16, layer, rope, list(seq_lens), seed=seed)
     rows = [r.to(cache_dtype) for r in rows]
     kv_cache, block_table = write_sequences(rows, block_size, token_major=True)
     q = torch.randn(len(seq_lens) + 1, heads, 16, generator=torch.Generator().manual_seed(seed))
@@ -26,29 +33,34 @@ def decode_case(heads, layer, rope, cache_dtype, seq_lens=(1, 17, 40), block_siz
     return q, kv_cache, table, lens, math.ceil(max(seq_lens) / block_size), proj, rotary, rows
 
 
-@pytest.mark.parametrize("rope,layer,split_pages", [  # every RoPE and layout, one split and several
-    ("neox", "refined_spill", None), ("neox", "plain", 3), ("gptj_partial", "refined_spill", 3),
-    ("gptj_partial", "plain", None), ("none", "refined_spill", 3),
+@pytest.mark.parametrize("rope,layer,split_pages,heads", [  # every RoPE and layout, one split and several
+    ("neox", "refined_spill", None, 4), ("neox", "plain", 3, 4), ("gptj_partial", "refined_spill", 3, 4),
+    ("gptj_partial", 2, None, 3), ("none", "refined_spill", 3, 4),
 ])
-def test_triton_decode_rows_equal_the_torch_form(rope, layer, split_pages):
-    q, kv_cache, table, lens, pages, _, rotary, _ = decode_case(4, layer, rope, torch.float16)
+def test_triton_decode_rows_equal_the_torch_form(rope, layer, split_pages, heads):
+    """Both forms: the two passes with one column group of the padded heads, the one pass with groups of
+    two key heads (the last one partly padding at 3 heads)."""
+    q, kv_cache, table, lens, pages, _, rotary, _ = decode_case(heads, layer, rope, torch.float16)
     expected = decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, split_pages)
-    got = triton_decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, split_pages)
-    for g, e in zip(got, expected):
-        assert torch.isfinite(g).all()
-        torch.testing.assert_close(g[:-1], e[:-1], rtol=1e-5, atol=1e-5)
+    for one_pass, group in ((False, None), (True, 2)):
+        got = triton_decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, split_pages, one_pass, group)
+        for g, e in zip(got, expected):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g[:-1], e[:-1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_triton_decode_equals_the_naive_reference(monkeypatch, cache_dtype):
-    """The whole decode (Z, then the value map) through the fused form with VLLM_SLIM_TRITON=1, per
-    sequence against `naive_slim_attention` on the rows the cache holds (4 heads: the head tile is
-    padded to 16 rows, which must add nothing)."""
+@pytest.mark.parametrize("cache_dtype,one_pass", [(torch.float32, True), (torch.bfloat16, False)])
+def test_triton_decode_equals_the_naive_reference(monkeypatch, cache_dtype, one_pass):
+    """The whole decode (Z, then the value map) through the fused form with VLLM_SLIM_TRITON=1 (each
+    pass once; 33 tokens: two splits of two tiles), per sequence against `naive_slim_attention` on the rows
+    the cache holds (4 heads: the head tile is padded to 16 rows, which must add nothing)."""
     q, kv_cache, table, lens, pages, proj, rotary, rows = decode_case(
         4, "refined_spill", "neox", cache_dtype, seq_lens=(1, 9, 33), seed=5
     )
     monkeypatch.setenv("VLLM_SLIM_TRITON", "1")
-    got = paged_decode_slim_attention(q, kv_cache, table, lens, pages, proj, rotary, 0.25, split_pages=2)
+    got = paged_decode_slim_attention(
+        q, kv_cache, table, lens, pages, proj, rotary, 0.25, split_pages=5, one_pass=one_pass
+    )
     assert torch.isfinite(got).all()
     for i, row in enumerate(rows):
         expected = naive_slim_attention(q[i : i + 1], row, proj, rotary, 0.25)
@@ -59,8 +71,8 @@ def test_triton_decode_equals_the_naive_reference(monkeypatch, cache_dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batch,context", [(1, 4096), (16, 4000)])
 def test_triton_decode_on_cuda_at_llama7b_shape(batch, context):
-    """Compiled (not interpreted): 32 heads x 128, fp16 cache of block 16, several splits, against the
-    torch form in float32 on the same GPU."""
+    """Compiled (not interpreted), both forms: 32 heads x 128 (16 column groups), fp16 cache of block 16,
+    several splits, against the torch form in float32 on the same GPU."""
     heads, head_size, block_size = 32, 128, 16
     rotary = Rotary(rope_table(context + 1, head_size), head_size, True).to("cuda")
     pages = math.ceil(context / block_size)
@@ -71,6 +83,7 @@ def test_triton_decode_on_cuda_at_llama7b_shape(batch, context):
     lens[0] = 1
     q = torch.randn(batch, heads, head_size, generator=g, device="cuda")
     expected = decode_rows(q, kv_cache, table, lens, pages, rotary, head_size**-0.5, 64)
-    got = triton_decode_rows(q, kv_cache, table, lens, pages, rotary, head_size**-0.5, 64)
-    for gz, ez in zip(got, expected):
-        torch.testing.assert_close(gz, ez, rtol=1e-4, atol=1e-4)
+    for one_pass in (False, True):
+        got = triton_decode_rows(q, kv_cache, table, lens, pages, rotary, head_size**-0.5, 64, one_pass)
+        for gz, ez in zip(got, expected):
+            torch.testing.assert_close(gz, ez, rtol=1e-4, atol=1e-4)

@@ -10,6 +10,7 @@ machine's) and 3.9 (the CPU venv's) both have everything used here.
 """
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 
 INTERPRETED = not torch.cuda.is_available()
+PROGRAMS_PER_SM = 4  # programs a launch aims to give each multiprocessor, so that loads overlap
 
 
 @contextlib.contextmanager
@@ -36,6 +38,20 @@ def kernel_definitions():
 def pad(n: int) -> int:
     """The power of two ≥ max(n, 16) that a tile of n columns takes (tl.dot needs 16 or more)."""
     return max(16, 1 << max(0, n - 1).bit_length())
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessors (1 off CUDA: the interpreter runs one program at a time)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def occupancy_splits(programs_per_split: int, num_pages: int, device: torch.device) -> int:
+    """How many splits to cut each sequence's pages into, so that a launch of `programs_per_split` programs
+    per split fills the GPU (PROGRAMS_PER_SM a multiprocessor): one long sequence would otherwise leave
+    most of it idle. At most one split a page."""
+    wanted = -(-PROGRAMS_PER_SM * multiprocessors(device) // max(1, programs_per_split))
+    return max(1, min(max(num_pages, 1), wanted))
 
 
 def check_device(device: torch.device, what: str) -> None:

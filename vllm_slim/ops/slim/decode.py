@@ -9,14 +9,13 @@ Z comes from one of three forms with one contract (`decode_rows`):
 - torch: a split of pages at a time (flash-decoding: each split keeps its own softmax statistics,
   the splits are merged by log-sum-exp), so the working set is one split, never the whole context;
 - fused on the CPU (`cpu_kernel`, the default when a C compiler is there): each row read in place;
-- fused on CUDA (`triton_decode`, two Triton kernels); VLLM_SLIM_TRITON=1 makes them the CPU's fused
-  form too, under Triton's interpreter (for tests: the interpreter gives no speed).
+- fused on CUDA (`triton_decode`: two passes, or one that reads K once); VLLM_SLIM_TRITON=1 makes them
+  the CPU's fused form too, under Triton's interpreter (for tests: the interpreter gives no speed).
 """
-
-import os
 
 import torch
 
+from vllm_slim.ops.dispatch import uses_triton
 from vllm_slim.ops.slim import cpu_kernel
 from vllm_slim.ops.slim.cache import page_positions, read_rows
 from vllm_slim.ops.slim.projection import SlimProjection
@@ -42,6 +41,7 @@ def paged_decode_slim_attention(
     scale: float,
     split_pages: int | None = None,
     fused: bool | None = None,
+    one_pass: bool = False,
 ) -> torch.Tensor:
     """One query per sequence over its cached rows (the query's own row included).
 
@@ -49,15 +49,19 @@ def paged_decode_slim_attention(
     seq_lens [B] cached tokens per sequence, at most num_pages·block_size (a padded row may give 0:
     its output is finite and meaningless); split_pages: pages per split of the torch and Triton forms
     (default: all in one); fused: the device's fused form (default: on CUDA, and on the CPU where the C
-    loop can run). Returns [B, H, Dv] float32. The torch and Triton forms do no host sync.
+    loop can run); one_pass: the Triton form's kernel that reads K once, else its two passes (the
+    default until a GPU has timed both: `triton_decode`'s docstring says why the one pass may lose).
+    Returns [B, H, Dv] float32. The torch and Triton forms do no host sync.
     """
-    triton = kv_cache.is_cuda or os.environ.get("VLLM_SLIM_TRITON") == "1"
+    triton = uses_triton(kv_cache.device)
     if fused is None:
         fused = triton or cpu_kernel.supports(kv_cache, q.shape[1])
     if fused and triton:
         from vllm_slim.ops.slim.triton_decode import triton_decode_rows  # imports triton: only when used
 
-        z, z_spill = triton_decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages)
+        z, z_spill = triton_decode_rows(
+            q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages, one_pass
+        )
     elif fused:
         z, z_spill = cpu_kernel.fused_decode_rows(q, kv_cache, block_table, seq_lens, rotary, scale)
     else:

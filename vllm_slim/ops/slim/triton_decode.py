@@ -1,16 +1,27 @@
-"""Slim's paged decode as Triton kernels, two passes (K read twice: the bytes stock reads for K and V).
+"""Slim's paged decode as Triton kernels: Z = P·K_raw in two passes (the default) or in one (K read once).
 
-Pass 1, one program per (sequence, split, head): the scores of the split's cached keys (post-RoPE, as
-stored) against the head's query, kept in a scratch row, and the split's softmax max and sum.
-Pass 2, one program per (sequence, split, key head g): P = exp(score − M) for every query head, M the
-sequence's max over its splits, times head g's un-RoPE'd key columns and its spill (tl.dot, float32
-accumulation), the rotation done in registers from the cos/sin table (NeoX or GPT-J pairs, partial
-rotary). The splits' partials share M, so they add. The result is `decode.decode_rows`'s contract:
-normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R].
+One pass (`columns_kernel`, ONE_PASS): one program per (key-head column group, split, sequence). For each
+tile of TILE tokens of its split it scores every query head against the post-RoPE keys as stored (one
+[TILE, D] load per head, so one key tile is live at a time), updates each head's online-softmax max and
+sum, rescales its accumulator and adds P [H, TILE] times the un-RoPE'd columns of its group's key heads
+and their spill (tl.dot, float32 accumulation). The H × (H·D) float32 accumulator does not fit one
+program (512 KiB at 32 × 128), hence the column groups: the groups of one (split, sequence) are launched
+side by side (grid axis 0) and read the same key tiles, so HBM sees K once and the repeats hit L2. The
+price: every group computes all H heads' scores, H²·D/GROUP multiply-adds a token on top of the H²·D of
+P·K_raw (+50% at GROUP = 2, on CUDA cores), and L2 serves all of K H/GROUP times (16 at 32 x 128): so
+until a GPU has timed both (benchmarks/gpu_decode.py), the two passes are the default.
+Two passes (`scores_kernel`, then `columns_kernel` reading P from a scratch): the scores and softmax
+statistics first, one program per (head, split, sequence), then the same column groups. K is read twice from
+HBM (the bytes stock reads for K and V), the scores once more through a small scratch.
+
+The un-RoPE is done in registers from the cos/sin table (NeoX or GPT-J pairs, partial rotary): a raw
+column is x·cos ± x'·sin, x' the stored value of its rotation partner. Each split writes its Z, spill
+Z, max and sum unnormalised; `triton_decode_rows` merges the splits by log-sum-exp, giving
+`decode.decode_rows`'s contract: normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R].
 
 On CUDA these kernels are slim's decode; without CUDA they run under Triton's interpreter, for tests
 (`ops/triton_build.py`). No host sync: the launch sizes come from host numbers the metadata already
-holds (pages, split length).
+holds (pages, split length); a sequence's tiles stop at its length, read on the device.
 """
 
 import torch
@@ -18,100 +29,153 @@ import triton
 import triton.language as tl
 
 from vllm_slim.ops.slim.rope import Rotary
-from vllm_slim.ops.triton_build import add, check_device, kernel_definitions, larger, pad
+from vllm_slim.ops.triton_build import add, check_device, kernel_definitions, larger, occupancy_splits, pad
 
-BLOCK_N = 32  # tokens per tile of a split
+# At 32 × 128 a one-pass program holds a [32, 256] accumulator and four [16, 256] operand tiles (the
+# columns, their partners, cos, sin): ~32 + ~64 float32 registers a thread over 8 warps. Larger groups
+# cut the replicated scores and L2 reads, but would spill.
+TILE_TOKENS = 16  # tokens per tile: tl.dot's least
+GROUP_COLUMNS = 256  # key-head columns a program accumulates: group = 256 // D_PAD, 2 at D = 128
+NUM_WARPS = 8
 
 
 with kernel_definitions():
 
     @triton.jit
+    def tile_rows(table_ptr, b, table_stride, lane, valid, stride_block, stride_token, BLOCK_SIZE: tl.constexpr):
+        """Each token's cache offset (int64, head 0): its page from the block table, its slot in the page."""
+        block = tl.load(table_ptr + b * table_stride + lane // BLOCK_SIZE, mask=valid, other=0)
+        return block.to(tl.int64) * stride_block + (lane % BLOCK_SIZE) * stride_token
+
+    @triton.jit
+    def head_scores(
+        q_ptr, cache_ptr, at, valid, b, h, scale, stride_head, H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    ):
+        """Query head h's scores [TILE] against key head h's post-RoPE keys as stored, −inf off the sequence."""
+        d = tl.arange(0, D_PAD)
+        q = tl.load(q_ptr + (b * H + h) * D + d, mask=d < D, other=0.0).to(tl.float32)
+        k = tl.load(cache_ptr + (at + h * stride_head)[:, None] + d[None, :],
+                    mask=valid[:, None] & (d[None, :] < D), other=0.0)
+        return tl.where(valid, tl.reduce(k.to(tl.float32) * q[None, :], 1, add) * scale, float("-inf"))
+
+    @triton.jit
+    def tile_scores(
+        q_ptr, cache_ptr, at, valid, b, scale, stride_head,
+        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
+    ):
+        """Every query head's scores [H_PAD, TILE], −inf on the padding heads. A loop over heads, not a
+        [H, TILE, D] product: one key tile in registers at a time."""
+        heads = tl.arange(0, H_PAD)
+        score = tl.full((H_PAD, TILE), float("-inf"), tl.float32)
+        for h in range(H):
+            row = head_scores(q_ptr, cache_ptr, at, valid, b, h, scale, stride_head, H, D, D_PAD)
+            score = tl.where(heads[:, None] == h, row[None, :], score)
+        return score
+
+    @triton.jit
+    def softmax_step(peak, total, score):
+        """Online softmax over a tile's scores [rows, TILE]: the new max and sum [rows], the factor the
+        partials so far take, and P (taken against the new max)."""
+        top = tl.maximum(peak, tl.reduce(score, 1, larger))
+        base = tl.where(top == float("-inf"), 0.0, top)  # a padding head: nothing to add
+        p = tl.exp(score - base[:, None])
+        rescale = tl.exp(peak - base)
+        return top, total * rescale + tl.reduce(p, 1, add), rescale, p
+
+    @triton.jit
     def scores_kernel(
         q_ptr, cache_ptr, table_ptr, lens_ptr, scores_ptr, max_ptr, sum_ptr,
         stride_block, stride_head, stride_token, table_stride, scale, split_len, num_splits, max_len,
-        H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        TILE: tl.constexpr,
+        H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     ):
-        b, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        h, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n = tl.maximum(tl.load(lens_ptr + b), 1)  # a padded row (0) attends position 0: finite
-        d = tl.arange(0, D_PAD)
-        q = tl.load(q_ptr + (b * H + h) * D + d, mask=d < D, other=0.0).to(tl.float32)
-        peak = tl.full((), float("-inf"), tl.float32)
-        total = tl.full((), 0.0, tl.float32)
         row = (b * H + h).to(tl.int64)
-        for l0 in range(s * split_len, (s + 1) * split_len, TILE):
+        one = tl.arange(0, 1)  # the head's statistics as [1] rows, for `softmax_step`
+        peak = tl.full((1,), float("-inf"), tl.float32)
+        total = tl.full((1,), 0.0, tl.float32)
+        for l0 in range(s * split_len, tl.minimum((s + 1) * split_len, n), TILE):
             lane = l0 + tl.arange(0, TILE)
             valid = lane < n
-            block = tl.load(table_ptr + b * table_stride + lane // BLOCK_SIZE, mask=valid, other=0)
-            at = block.to(tl.int64) * stride_block + h * stride_head + (lane % BLOCK_SIZE) * stride_token
-            k = tl.load(cache_ptr + at[:, None] + d[None, :], mask=valid[:, None] & (d[None, :] < D), other=0.0)
-            score = tl.where(valid, tl.reduce(k.to(tl.float32) * q[None, :], 1, add) * scale, float("-inf"))
+            at = tile_rows(table_ptr, b, table_stride, lane, valid, stride_block, stride_token, BLOCK_SIZE)
+            score = head_scores(q_ptr, cache_ptr, at, valid, b, h, scale, stride_head, H, D, D_PAD)
             tl.store(scores_ptr + row * max_len + lane, score)
-            top = tl.maximum(peak, tl.reduce(score, 0, larger))
-            base = tl.where(top == float("-inf"), 0.0, top)  # a tile past the end: nothing to add
-            total = total * tl.exp(peak - base) + tl.reduce(tl.exp(score - base), 0, add)
-            peak = top
-        tl.store(max_ptr + row * num_splits + s, peak)
-        tl.store(sum_ptr + row * num_splits + s, total)
+            peak, total, _, _ = softmax_step(peak, total, score[None, :])
+        tl.store(max_ptr + row * num_splits + s + one, peak)
+        tl.store(sum_ptr + row * num_splits + s + one, total)
 
     @triton.jit
-    def accumulate_kernel(
-        cache_ptr, table_ptr, lens_ptr, cos_sin_ptr, scores_ptr, max_ptr, z_ptr, zs_ptr,
-        stride_block, stride_head, stride_token, table_stride, split_len, num_splits, max_len,
-        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
-        ROT: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, NEOX: tl.constexpr,
-        S_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    def columns_kernel(
+        q_ptr, cache_ptr, table_ptr, lens_ptr, cos_sin_ptr, scores_ptr, max_ptr, sum_ptr, z_ptr, zs_ptr,
+        stride_block, stride_head, stride_token, table_stride, scale, split_len, num_splits, max_len,
+        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr,
+        R_PAD: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        TILE: tl.constexpr, GROUP: tl.constexpr, ONE_PASS: tl.constexpr,
     ):
-        b, s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        gc, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n = tl.maximum(tl.load(lens_ptr + b), 1)
         heads = tl.arange(0, H_PAD)
+        live = heads < H
         rows = (b * H + heads).to(tl.int64)
-        splits = tl.arange(0, S_PAD)
-        maxes = tl.load(max_ptr + rows[:, None] * num_splits + splits[None, :],
-                        mask=(heads[:, None] < H) & (splits[None, :] < num_splits), other=float("-inf"))
-        peak = tl.reduce(maxes, 1, larger)
-        peak = tl.where(peak == float("-inf"), 0.0, peak)  # padding heads
+        if ONE_PASS:
+            peak = tl.full((H_PAD,), float("-inf"), tl.float32)
+            total = tl.full((H_PAD,), 0.0, tl.float32)
+        else:  # the split's max from the first pass (padding heads: 0, their scores are −inf)
+            peak = tl.load(max_ptr + rows * num_splits + s, mask=live, other=0.0)
+        # The group's columns: GROUP key heads of D_PAD columns (D used), then of R_PAD spill columns.
+        c = tl.arange(0, GROUP * D_PAD)
+        key, j = gc * GROUP + c // D_PAD, c % D_PAD
+        kept = (key < H) & (j < D)
+        column = key.to(tl.int64) * stride_head + j
         half = ROT // 2
-        i = tl.arange(0, HALF_PAD)
+        rotated = kept & (j < ROT)
         if NEOX:
-            first, second = i, i + half
+            first = j < half
+            pair, mate = tl.where(first, j, j - half), tl.where(first, j + half, j - half)
         else:
-            first, second = 2 * i, 2 * i + 1
-        tail = ROT + tl.arange(0, TAIL_PAD)
-        r = tl.arange(0, R_PAD)
-        acc1 = tl.full((H_PAD, HALF_PAD), 0.0, tl.float32)
-        acc2 = tl.full((H_PAD, HALF_PAD), 0.0, tl.float32)
-        acc_tail = tl.full((H_PAD, TAIL_PAD), 0.0, tl.float32)
-        acc_spill = tl.full((H_PAD, R_PAD), 0.0, tl.float32)
-        for l0 in range(s * split_len, (s + 1) * split_len, TILE):
+            first, pair, mate = j % 2 == 0, j // 2, j ^ 1
+        sign = tl.where(first, 1.0, -1.0)  # raw first = x1·cos + x2·sin, raw second = x2·cos − x1·sin
+        cs = tl.arange(0, GROUP * R_PAD)
+        spill_key, r = gc * GROUP + cs // R_PAD, cs % R_PAD
+        spill_kept = (spill_key < H) & (r < R)
+        acc = tl.full((H_PAD, GROUP * D_PAD), 0.0, tl.float32)
+        acc_spill = tl.full((H_PAD, GROUP * R_PAD), 0.0, tl.float32)
+        for l0 in range(s * split_len, tl.minimum((s + 1) * split_len, n), TILE):
             lane = l0 + tl.arange(0, TILE)
             valid = lane < n
-            score = tl.load(scores_ptr + rows[:, None] * max_len + lane[None, :],
-                            mask=(heads[:, None] < H) & valid[None, :], other=float("-inf"))
-            p = tl.exp(score - peak[:, None])  # [H_PAD, TILE], 0 off the sequence
-            block = tl.load(table_ptr + b * table_stride + lane // BLOCK_SIZE, mask=valid, other=0)
-            at = block.to(tl.int64) * stride_block + g * stride_head + (lane % BLOCK_SIZE) * stride_token
-            pair = valid[:, None] & (i[None, :] < half)
-            x1 = tl.load(cache_ptr + at[:, None] + first[None, :], mask=pair, other=0.0).to(tl.float32)
-            x2 = tl.load(cache_ptr + at[:, None] + second[None, :], mask=pair, other=0.0).to(tl.float32)
-            angle = lane.to(tl.int64)[:, None] * ROT + i[None, :]
-            cos = tl.load(cos_sin_ptr + angle, mask=pair, other=0.0)
-            sin = tl.load(cos_sin_ptr + angle + half, mask=pair, other=0.0)
-            acc1 += tl.dot(p, x1 * cos + x2 * sin, input_precision="ieee")
-            acc2 += tl.dot(p, x2 * cos - x1 * sin, input_precision="ieee")
-            passed = tl.load(cache_ptr + at[:, None] + tail[None, :], mask=valid[:, None] & (tail[None, :] < D),
-                             other=0.0).to(tl.float32)
-            acc_tail += tl.dot(p, passed, input_precision="ieee")
-            spill = tl.load(cache_ptr + at[:, None] + D + r[None, :], mask=valid[:, None] & (r[None, :] < R),
-                            other=0.0).to(tl.float32)
-            acc_spill += tl.dot(p, spill, input_precision="ieee")
+            at = tile_rows(table_ptr, b, table_stride, lane, valid, stride_block, stride_token, BLOCK_SIZE)
+            if ONE_PASS:
+                score = tile_scores(q_ptr, cache_ptr, at, valid, b, scale, stride_head, H, H_PAD, D, D_PAD, TILE)
+                peak, total, rescale, p = softmax_step(peak, total, score)
+                acc = acc * rescale[:, None]
+                acc_spill = acc_spill * rescale[:, None]
+            else:
+                score = tl.load(scores_ptr + rows[:, None] * max_len + lane[None, :],
+                                mask=live[:, None] & valid[None, :], other=float("-inf"))
+                p = tl.exp(score - peak[:, None])  # [H_PAD, TILE], 0 off the sequence
+            x = tl.load(cache_ptr + at[:, None] + column[None, :], mask=valid[:, None] & kept[None, :],
+                        other=0.0).to(tl.float32)
+            if ROT > 0:
+                turn = valid[:, None] & rotated[None, :]
+                partner = tl.load(cache_ptr + at[:, None] + (column + mate - j)[None, :], mask=turn,
+                                  other=0.0).to(tl.float32)
+                angle = lane.to(tl.int64)[:, None] * ROT + pair[None, :]
+                cos = tl.load(cos_sin_ptr + angle, mask=turn, other=1.0)
+                sin = tl.load(cos_sin_ptr + angle + half, mask=turn, other=0.0)
+                x = x * cos + partner * sin * sign[None, :]
+            acc += tl.dot(p, x, input_precision="ieee")
+            if R > 0:
+                spill = tl.load(cache_ptr + at[:, None] + (spill_key.to(tl.int64) * stride_head + D + r)[None, :],
+                                mask=valid[:, None] & spill_kept[None, :], other=0.0).to(tl.float32)
+                acc_spill += tl.dot(p, spill, input_precision="ieee")
         out = ((b * num_splits + s) * H + heads).to(tl.int64)[:, None]
-        live = heads[:, None] < H
-        z_row = z_ptr + out * (H * D) + g * D
-        tl.store(z_row + first[None, :], acc1, mask=live & (i[None, :] < half))
-        tl.store(z_row + second[None, :], acc2, mask=live & (i[None, :] < half))
-        tl.store(z_row + tail[None, :], acc_tail, mask=live & (tail[None, :] < D))
-        tl.store(zs_ptr + out * (H * R) + g * R + r[None, :], acc_spill, mask=live & (r[None, :] < R))
+        tl.store(z_ptr + out * (H * D) + (key * D + j)[None, :], acc, mask=live[:, None] & kept[None, :])
+        tl.store(zs_ptr + out * (H * R) + (spill_key * R + r)[None, :], acc_spill,
+                 mask=live[:, None] & spill_kept[None, :])
+        if ONE_PASS:
+            if gc == 0:  # the statistics are the same in every group: one writes them
+                tl.store(max_ptr + rows * num_splits + s, peak, mask=live)
+                tl.store(sum_ptr + rows * num_splits + s, total, mask=live)
 
 
 def triton_decode_rows(
@@ -123,45 +187,58 @@ def triton_decode_rows(
     rotary: Rotary | None,
     scale: float,
     split_pages: int | None = None,
+    one_pass: bool = False,
+    group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised Z [B, H, H·D] and spill Z [B, H, H·R] (`decode.decode_rows`'s contract) by the two
-    kernels; split_pages: pages per split (default: all in one)."""
+    """Normalised Z [B, H, H·D] and spill Z [B, H, H·R] (`decode.decode_rows`'s contract). split_pages:
+    at most this many pages per split (default: no bound; sequences are split further where the batch
+    alone would not fill the GPU: `occupancy_splits`); one_pass: K read once, else the two passes;
+    group: key heads per column group, a power of two (default: GROUP_COLUMNS' worth)."""
     batch, heads, head_size = q.shape
     spill = kv_cache.shape[-1] - head_size
     block_size = kv_cache.shape[2]
-    split_pages = max(1, split_pages or num_pages)
+    group = group or min(max(1, GROUP_COLUMNS // pad(head_size)), 1 << (heads - 1).bit_length())
+    if group & (group - 1):
+        raise ValueError(f"slim: the column group must be a power of two, got {group}")
+    groups = -(-heads // group)
+    # As many splits as fill the GPU, within the caller's bound on a split's pages.
+    fill = -(-max(num_pages, 1) // occupancy_splits(batch * groups, num_pages, q.device))
+    split_pages = max(1, min(split_pages or num_pages, fill))
     num_splits = -(-max(num_pages, 1) // split_pages)
     split_len = split_pages * block_size
-    tile = min(BLOCK_N, pad(split_len))
+    tile = min(TILE_TOKENS, pad(split_len))
     split_len = -(-split_len // tile) * tile
-    max_len = num_splits * split_len
     device = q.device
-    scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=device)
     maxes = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=device)
     sums = torch.empty_like(maxes)
     z = torch.empty(batch, num_splits, heads, heads * head_size, dtype=torch.float32, device=device)
     z_spill = torch.empty(batch, num_splits, heads, heads * spill, dtype=torch.float32, device=device)
     table, lens = block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
+    q = q.contiguous()
     rotary_dim = 0 if rotary is None else rotary.rotary_dim
     cos_sin = rotary.cos_sin.float().contiguous() if rotary is not None else maxes  # any float32 pointer
     stride_block, stride_head, stride_token, last = kv_cache.stride()
     if last != 1:
         raise ValueError("slim: the Triton decode reads cache rows with unit stride")
     check_device(device, "slim: the Triton decode")
-    grid = (batch, num_splits, heads)
-    scores_kernel[grid](
-        q.contiguous(), kv_cache, table, lens, scores, maxes, sums,
-        stride_block, stride_head, stride_token, table.stride(0), scale, split_len, num_splits, max_len,
-        H=heads, D=head_size, D_PAD=pad(head_size), BLOCK_SIZE=block_size, TILE=tile,
+    walk = (stride_block, stride_head, stride_token, table.stride(0), scale, split_len, num_splits)
+    shape = dict(H=heads, D=head_size, D_PAD=pad(head_size), BLOCK_SIZE=block_size, TILE=tile)
+    scores, max_len = maxes, 0  # the one pass keeps no scores
+    if not one_pass:
+        max_len = num_splits * split_len
+        scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=device)
+        scores_kernel[(heads, num_splits, batch)](
+            q, kv_cache, table, lens, scores, maxes, sums, *walk, max_len, **shape
+        )
+    columns_kernel[(groups, num_splits, batch)](
+        q, kv_cache, table, lens, cos_sin, scores, maxes, sums, z, z_spill, *walk, max_len, **shape,
+        H_PAD=pad(heads), R=spill, R_PAD=pad(spill), ROT=rotary_dim, NEOX=rotary is None or rotary.neox, GROUP=group,
+        ONE_PASS=one_pass, num_warps=NUM_WARPS,
     )
-    accumulate_kernel[grid](
-        kv_cache, table, lens, cos_sin, scores, maxes, z, z_spill,
-        stride_block, stride_head, stride_token, table.stride(0), split_len, num_splits, max_len,
-        H=heads, H_PAD=pad(heads), D=head_size, R=spill, R_PAD=pad(spill), ROT=rotary_dim,
-        HALF_PAD=pad(rotary_dim // 2), TAIL_PAD=pad(head_size - rotary_dim),
-        NEOX=rotary is None or rotary.neox, S_PAD=pad(num_splits), BLOCK_SIZE=block_size, TILE=tile,
-    )
-    # Every split's partial is scaled by the same max; the sums are merged the same way.
+    # Each split's partials are taken against its own max: rescale to the largest (finite: the first
+    # split holds position 0; a split past a sequence's end has max −inf, sum 0, Z 0), add, normalise.
     peak = maxes.amax(-1, keepdim=True)
-    total = (sums * (maxes - peak).exp()).sum(-1)[..., None]
-    return z.sum(1) / total, z_spill.sum(1) / total
+    factor = (maxes - peak).exp()
+    total = (sums * factor).sum(-1)[..., None]
+    weight = factor.permute(0, 2, 1)[..., None]  # [B, splits, H, 1]
+    return (z * weight).sum(1) / total, (z_spill * weight).sum(1) / total
