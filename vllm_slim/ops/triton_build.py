@@ -63,7 +63,8 @@ def check_device(device: torch.device, what: str) -> None:
 
 # The combine functions tl.sum and tl.max reduce with, for tl.reduce: compiled, the same code as theirs;
 # under the interpreter, tl.reduce recognises these two and reduces with numpy, where a combine function
-# of ours would run element by element in Python (a decode step of the e2e model: 8.5 s -> see tests).
+# of ours would run element by element in Python (one layer's decode step of the server tests' GPT-J,
+# 4 sequences of ~150 tokens: 8.5 s with our own, 1.2 s with these).
 # Private names of triton.language.standard, the same from triton 2.1 through 3.9.
 add = tl.standard._sum_combine
 larger = tl.standard._elementwise_max
