@@ -340,7 +340,8 @@ def test_slim_refuses_what_it_cannot_serve_as_the_layer_is_built(model_dir, case
     ({"sink_tokens": 4}, "sata sink_tokens needs a window"),
     ({"window": -1}, "sata sink_tokens and window must be >= 0, got 0, -1"),
     ({"orders": 3}, "unknown sata option(s) ['orders']; known: ['order', 'sink_tokens', 'window']"),
-], ids=["sinks_without_window", "negative_window", "unknown_option"])
+    ({"order": "3"}, "sata order must be an integer, got '3'"),
+], ids=["sinks_without_window", "negative_window", "unknown_option", "order_not_integer"])
 def test_sata_refuses_bad_options_as_the_layer_is_built(model_dir, options, reason):
     """Through the layer as a server builds it (tests/test_sata_server.py sends an even order through one)."""
     config = engine_config(model_dir, "sata", "float32", {"sata": options})

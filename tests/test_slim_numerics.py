@@ -97,3 +97,20 @@ def test_policy_knobs_shape_the_layout(trained_model):
         SlimPolicy.from_config({"spill": 1})
     with pytest.raises(ValueError, match="slim store_dtype must be auto or one of"):
         SlimPolicy.from_config({"store_dtype": "float8"})
+    with pytest.raises(ValueError, match=r"slim spill_per_head must be below the head size \(32\), got 32"):
+        layout(spill_per_head=32)
+
+
+@pytest.mark.parametrize("options,message", [
+    # Was "max() arg is an empty sequence": no spill width keeps a gain above 2.
+    ({"min_capacity_gain": 2.5}, r"min_capacity_gain must be a number in \(0, 2\], got 2.5"),
+    ({"min_capacity_gain": 0}, r"min_capacity_gain must be a number in \(0, 2\], got 0"),
+    ({"max_error_ratio": -1}, r"max_error_ratio must be a number > 0, got -1"),
+    ({"max_error_ratio": "2"}, r"max_error_ratio must be a number > 0, got '2'"),
+    ({"spill_per_head": -1}, r"spill_per_head must be an integer >= 0 \(or absent: searched\), got -1"),
+    ({"spill_per_head": 1.5}, r"spill_per_head must be an integer >= 0 \(or absent: searched\), got 1.5"),
+    ({"allow_over_budget": "yes"}, r"allow_over_budget must be true or false, got 'yes'"),
+])
+def test_bad_knob_values_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        SlimPolicy.from_config(options)

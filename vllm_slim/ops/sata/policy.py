@@ -24,6 +24,10 @@ class SataPolicy:
     @classmethod
     def from_config(cls, options: dict) -> "SataPolicy":
         policy = policy_from_options(cls, options, "sata", SataNotApplicable)
+        for key in ("order", "sink_tokens", "window"):
+            value = getattr(policy, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SataNotApplicable(f"sata {key} must be an integer, got {value!r}")
         if not is_positive_order(policy.order):
             raise SataNotApplicable(
                 f"sata order {policy.order} ends on an odd degree ({policy.order - 1}): its attention weights "

@@ -48,8 +48,21 @@ class SlimPolicy:
     @classmethod
     def from_config(cls, options: dict) -> "SlimPolicy":
         policy = policy_from_options(cls, options, "slim")
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        if not (number(policy.max_error_ratio) and policy.max_error_ratio > 0):
+            raise ValueError(f"slim max_error_ratio must be a number > 0, got {policy.max_error_ratio!r}")
+        if not (number(policy.min_capacity_gain) and 0 < policy.min_capacity_gain <= 2):
+            raise ValueError(
+                f"slim min_capacity_gain must be a number in (0, 2], got {policy.min_capacity_gain!r}: "
+                "a cache of K alone (no spill) holds 2x the stock cache's tokens, and no layout holds more"
+            )
+        spill = policy.spill_per_head
+        if spill is not None and not (isinstance(spill, int) and not isinstance(spill, bool) and spill >= 0):
+            raise ValueError(f"slim spill_per_head must be an integer >= 0 (or absent: searched), got {spill!r}")
         if policy.store_dtype != "auto" and policy.store_dtype not in STORE_DTYPES:
-            raise ValueError(f"slim store_dtype must be auto or one of {sorted(STORE_DTYPES)}")
+            raise ValueError(f"slim store_dtype must be auto or one of {sorted(STORE_DTYPES)}, got {policy.store_dtype!r}")
+        if not isinstance(policy.allow_over_budget, bool):
+            raise ValueError(f"slim allow_over_budget must be true or false, got {policy.allow_over_budget!r}")
         return policy
 
 
@@ -167,6 +180,10 @@ def choose_layout(
     stock_error = stock_rounding_error(stock_cache_dtype)
     budget = max(policy.max_error_ratio * stock_error, ERROR_FLOOR)
     if policy.spill_per_head is not None:
+        if policy.spill_per_head >= head_size:
+            raise ValueError(
+                f"slim spill_per_head must be below the head size ({head_size}), got {policy.spill_per_head}"
+            )
         candidates = [policy.spill_per_head]
     else:
         most = max(r for r in range(head_size) if capacity_gain(head_size, r) >= policy.min_capacity_gain)
