@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from vllm_slim.backends.weights import QKV_LAYOUTS
 from vllm_slim.cli import main
 from vllm_slim.fixtures.models import ARCHS, build_model
-from vllm_slim.inspection import SLIM_ATTENTION_MODULES
+from vllm_slim.inspection import GQA_REASON, SLIM_ATTENTION_MODULES, model_reasons, read_shape
 from vllm_slim.ops.slim.policy import SlimPolicy, choose_layout
 
 SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}
@@ -188,3 +188,25 @@ def test_a_directory_without_a_model_exits_with_a_message(tmp_path, capsys):
 
 def test_known_architectures_name_modules_the_backend_reads():
     assert set(SLIM_ATTENTION_MODULES.values()) <= set(QKV_LAYOUTS)
+
+
+@pytest.mark.parametrize("config, heads, kv", [
+    ({"model_type": "falcon", "hidden_size": 4544, "num_attention_heads": 71, "num_hidden_layers": 32,
+      "multi_query": True, "new_decoder_architecture": False}, 71, 1),  # Falcon-7B
+    ({"model_type": "falcon", "hidden_size": 8192, "num_attention_heads": 128, "num_hidden_layers": 60,
+      "new_decoder_architecture": True, "num_kv_heads": 8}, 128, 8),  # Falcon-40B
+    ({"model_type": "RefinedWeb", "hidden_size": 4544, "n_head": 71, "n_layer": 32, "n_head_kv": 1}, 71, 1),
+    ({"model_type": "gpt_bigcode", "n_embd": 6144, "n_head": 48, "n_layer": 40, "multi_query": True}, 48, 1),
+    ({"model_type": "mpt", "d_model": 4096, "n_heads": 32, "n_layers": 32}, 32, 32),
+    ({"model_type": "chatglm", "hidden_size": 4096, "num_attention_heads": 32, "num_layers": 28,
+      "multi_query_attention": True, "multi_query_group_num": 2}, 32, 2),
+], ids=["falcon-7b", "falcon-40b", "refinedweb", "starcoder", "mpt", "chatglm"])
+def test_kv_heads_read_from_every_config_convention(tmp_path, config, heads, kv):
+    """MQA and GQA checkpoints that do not use Llama's names (read from config.json alone)."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shape = read_shape(tmp_path)
+    assert (shape.num_heads, shape.num_kv_heads) == (heads, kv)
+    kind = "multi-query" if kv == 1 else "grouped-query"
+    expected = [] if kv == heads else [f"{kind} attention ({heads} query heads, {kv} KV heads): {GQA_REASON}"]
+    assert model_reasons(shape)[0][:1] == expected
+

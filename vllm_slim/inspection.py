@@ -110,8 +110,8 @@ def read_shape(model_dir: Path) -> ModelShape:
         return next((config[name] for name in names if config.get(name) is not None), default)
 
     hidden = first("hidden_size", "n_embd", "d_model")
-    heads = first("num_attention_heads", "n_head", "decoder_attention_heads")
-    layers = first("num_hidden_layers", "n_layer", "num_layers", "decoder_layers")
+    heads = first("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads")
+    layers = first("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
     if None in (hidden, heads, layers):
         raise ValueError(f"{model_dir / 'config.json'} names no hidden size, attention head count or layer count")
     dtype_name = first("torch_dtype", "dtype", default="float32")
@@ -123,11 +123,23 @@ def read_shape(model_dir: Path) -> ModelShape:
         num_layers=layers,
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=first("num_key_value_heads", default=heads),
+        num_kv_heads=kv_heads(config, heads),
         head_size=first("head_dim", default=hidden // heads),
         dtype=DTYPES[dtype_name],
         config=config,
     )
+
+
+def kv_heads(config: dict, heads: int) -> int:
+    """KV heads under each convention config.json files use: Llama's num_key_value_heads, Falcon's
+    num_kv_heads (new decoder) and n_head_kv (RW), ChatGLM's multi_query_group_num, and a bare
+    multi_query flag (Falcon-7B, StarCoder: one KV head)."""
+    if config.get("multi_query_attention") and config.get("multi_query_group_num"):
+        return config["multi_query_group_num"]
+    for name in ("num_key_value_heads", "num_kv_heads", "n_head_kv"):
+        if config.get(name) is not None:
+            return config[name]
+    return 1 if config.get("multi_query") else heads
 
 
 class Checkpoint:
