@@ -4,9 +4,12 @@ worse than a stock cache of the same dtype), sata against float64 evaluation of 
 context is written by an earlier step, scattered over shuffled blocks; `positions` is left None."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
+import vllm
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -356,3 +359,47 @@ def test_speculative_decoding_is_refused_at_start_up(model_dir, backend):
     })
     with pytest.raises(ValueError, match=r"speculative decoding \(ngram, 2 tokens\): .*(rejected draft)"):
         attention_layer(config)
+
+
+REGISTRATION_FAILS_HALF_WAY = """
+import vllm_slim.backends.registration as registration
+from vllm.model_executor.model_loader import base_loader
+from vllm.platforms import current_platform
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm.v1.engine import core
+
+platform = type(current_platform)
+def patched():
+    return (
+        dict(vars(platform)), dict(vars(AttentionBackendEnum)), dict(AttentionBackendEnum._member_map_),
+        base_loader.process_weights_after_loading, core.get_kv_cache_configs,
+    )
+before = patched()
+def moved(undo):  # a vLLM whose engine core moved its function away
+    raise AttributeError("module 'vllm.v1.engine.core' has no attribute 'get_kv_cache_configs'")
+moved.__name__ = "_explain_sata_memory_errors"  # the last step fails, after five that patch vLLM
+stock_step, registration._explain_sata_memory_errors = registration._explain_sata_memory_errors, moved
+try:
+    registration.register_backends()
+except RuntimeError as error:
+    print(error)
+assert patched() == before, "a failed registration left vLLM patched"
+registration._explain_sata_memory_errors = stock_step
+registration.register_backends()  # nothing was marked done: a later attempt registers everything
+assert "SLIM" in AttentionBackendEnum.__members__ and patched() != before
+print("registered")
+"""
+
+
+def test_a_registration_that_fails_half_way_undoes_itself_and_says_why():
+    """Run in a fresh interpreter: the steps before the failing one (the backends' enum members, the CPU
+    selection, the loader hook, sata's config check) are undone, and the error names the step."""
+    result = subprocess.run([sys.executable, "-c", REGISTRATION_FAILS_HALF_WAY], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        f"vllm-slim could not register with vLLM {vllm.__version__}: explain_sata_memory_errors failed "
+        "(AttributeError: module 'vllm.v1.engine.core' has no attribute 'get_kv_cache_configs'); every earlier "
+        "step was undone, so neither the slim nor the sata backend is available in this process",
+        "registered",
+    ]

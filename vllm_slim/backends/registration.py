@@ -19,6 +19,8 @@ autotune (its warm-up gives state-paged layers no metadata), and the engine's
 and which order would fit.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from vllm.logger import init_logger
@@ -49,23 +51,60 @@ def lookup_backend(name: str):
 
 
 def register_backends() -> None:
+    """Register both backends and patch the few vLLM functions they need, all or nothing: a step that
+    fails (a vLLM whose internals moved) undoes the steps before it, and start-up stops saying which
+    step failed, where a half-patched process could serve wrongly without a word."""
     global _registered
     if _registered:
         return
-    _registered = True
+    import vllm
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+    undo: list[Callable[[], None]] = []
+    steps = (
+        (_register_members, AttentionBackendEnum), (_pickle_members_by_name, AttentionBackendEnum),
+        (_honour_selection_on_cpu,), (_bind_weights_after_loading,), (_sata_prefix_caching_off,),
+        (_explain_sata_memory_errors,),
+    )
+    for step, *args in steps:
+        try:
+            step(undo, *args)
+        except Exception as error:
+            for restore in reversed(undo):
+                restore()
+            raise RuntimeError(
+                f"vllm-slim could not register with vLLM {vllm.__version__}: {step.__name__.strip('_')} failed "
+                f"({type(error).__name__}: {error}); every earlier step was undone, so neither the slim nor the "
+                "sata backend is available in this process"
+            ) from error
+    _registered = True
+
+
+def _replace(undo: list, owner, name: str, value) -> None:
+    """owner.name = value, with the way back in `undo` (an attribute the owner only inherited is deleted)."""
+    own = vars(owner)
+    if name in own:
+        old = own[name]
+        undo.append(lambda: setattr(owner, name, old))
+    else:
+        undo.append(lambda: delattr(owner, name))
+    setattr(owner, name, value)
+
+
+def _register_members(undo: list, enum_cls) -> None:
     for name, path in BACKENDS.items():
-        if name not in AttentionBackendEnum.__members__:
-            AttentionBackendEnum.register(name, path)
-    _pickle_members_by_name(AttentionBackendEnum)
-    _honour_selection_on_cpu()
-    _bind_weights_after_loading()
-    _sata_prefix_caching_off()
-    _explain_sata_memory_errors()
+        if name not in enum_cls.__members__:
+            enum_cls.register(name, path)
+
+            def remove(name=name, path=path):
+                enum_cls._member_map_.pop(name, None)  # first: Enum refuses to delete a member it maps
+                enum_cls._value2member_map_.pop(path, None)
+                delattr(enum_cls, name)
+
+            undo.append(remove)
 
 
-def _pickle_members_by_name(enum_cls) -> None:
+def _pickle_members_by_name(undo: list, enum_cls) -> None:
     by_value = enum_cls.__reduce_ex__
 
     def reduce_ex(member, protocol):
@@ -73,10 +112,10 @@ def _pickle_members_by_name(enum_cls) -> None:
             return lookup_backend, (member.name,)
         return by_value(member, protocol)
 
-    enum_cls.__reduce_ex__ = reduce_ex
+    _replace(undo, enum_cls, "__reduce_ex__", reduce_ex)
 
 
-def _honour_selection_on_cpu() -> None:
+def _honour_selection_on_cpu(undo: list) -> None:
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -99,10 +138,10 @@ def _honour_selection_on_cpu() -> None:
         logger.info_once("Using %s attention backend on CPU.", selected_backend.name)
         return selected_backend.get_path()
 
-    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    _replace(undo, platform_cls, "get_attn_backend_cls", classmethod(get_attn_backend_cls))
 
 
-def _bind_weights_after_loading() -> None:
+def _bind_weights_after_loading(undo: list) -> None:
     from vllm.model_executor.model_loader import base_loader
 
     stock_hook = base_loader.process_weights_after_loading
@@ -123,7 +162,7 @@ def _bind_weights_after_loading() -> None:
             logger.exception("vllm-slim: could not report the cache layout; no vllm_slim_* gauges on /metrics")
 
     process_weights_after_loading._slim_wrapped = True
-    base_loader.process_weights_after_loading = process_weights_after_loading
+    _replace(undo, base_loader, "process_weights_after_loading", process_weights_after_loading)
 
 
 def _layers_of(model: torch.nn.Module, impl_cls) -> dict[str, torch.nn.Module]:
@@ -216,7 +255,7 @@ def _selects_sata(vllm_config) -> bool:
     return backend is not None and backend.name == "SATA"
 
 
-def _sata_prefix_caching_off() -> None:
+def _sata_prefix_caching_off(undo: list) -> None:
     from vllm.platforms import current_platform
 
     platform_cls = type(current_platform)
@@ -245,10 +284,10 @@ def _sata_prefix_caching_off() -> None:
             )
 
     check_and_update_config._sata_wrapped = True
-    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    _replace(undo, platform_cls, "check_and_update_config", classmethod(check_and_update_config))
 
 
-def _explain_sata_memory_errors() -> None:
+def _explain_sata_memory_errors(undo: list) -> None:
     from vllm.v1.engine import core
 
     stock_configs = core.get_kv_cache_configs
@@ -267,7 +306,7 @@ def _explain_sata_memory_errors() -> None:
             raise ValueError(message) from error
 
     get_kv_cache_configs._sata_wrapped = True
-    core.get_kv_cache_configs = get_kv_cache_configs
+    _replace(undo, core, "get_kv_cache_configs", get_kv_cache_configs)
 
 
 def _sata_memory_message(vllm_config, layer_specs: dict, available: int) -> str | None:
