@@ -116,6 +116,21 @@ def test_chunk_form_holds_large_logits_on_one_scale():
     torch.testing.assert_close(out.double(), reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("splits", [[10], [8, 1, 1]], ids=["prefill", "decode"])
+def test_chunk_form_holds_exact_logits_far_below_the_series(splits):
+    """One head, d = 1, scale 1, window 2: the first 8 keys give logit 40 (series weight T(40) = 841 once
+    they leave the window), the last 2 give -300, exact: scaled by the exact part's largest logit alone,
+    the series would be weighted by e^300, past float32's range (NaN where the reference is finite)."""
+    q = torch.full((10, 1, 1), 20.0)
+    k = torch.cat((torch.full((8, 1, 1), 2.0), torch.full((2, 1, 1), -15.0)))
+    v = torch.randn(10, 1, 3, generator=torch.Generator().manual_seed(0))
+    options = dict(scale=1.0, order=3, sink_tokens=0, window=2)
+    out, _ = split_run(q, k, v, splits, **options)
+    reference = naive_hybrid_sata_attention(q.double(), k.double(), v.double(), **options)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_state_holds_the_sinks_the_last_window_and_folds_the_rest():
     q, k, v = (x.float() for x in qkv(50, 2, 2, 8, seed=3))
     _, state = split_run(q, k, v, [23, 27], scale=None, order=3, sink_tokens=3, window=5, chunk_size=4)
