@@ -8,6 +8,7 @@ The rebuild costs L·d² per sequence, so it wins over the reordered form of
 import torch
 import torch.nn.functional as F
 
+from vllm_slim.ops.dispatch import uses_triton
 from vllm_slim.ops.slim.cache import page_positions, read_rows
 from vllm_slim.ops.slim.projection import SlimProjection, rebuild_values
 from vllm_slim.ops.slim.rope import Rotary, unrope
@@ -32,7 +33,16 @@ def paged_prefill_slim_attention(
     (query_start_loc [P + 1] from 0, T = query_start_loc[-1]); seq_lens [P] cached tokens, the
     queries' own included; block_table [P, >= num_pages]; max_query_len >= every query length.
     Returns [T, H, Dv] float32. No host sync.
+
+    On CUDA (and with VLLM_SLIM_TRITON=1) the Triton kernels of `triton_prefill` (V rebuilt once, then flash
+    attention over the paged keys, V held in the query's dtype); otherwise the torch form below, in float32.
     """
+    if uses_triton(kv_cache.device):
+        from vllm_slim.ops.slim.triton_prefill import triton_prefill_slim_attention  # imports triton: only when used
+
+        return triton_prefill_slim_attention(
+            q, query_start_loc, seq_lens, kv_cache, block_table, num_pages, max_query_len, proj, rotary, scale
+        )
     head_size = q.shape[-1]
     rows = read_rows(kv_cache, block_table, num_pages)  # [P, pages, bs, H, C]
     positions = page_positions(num_pages, kv_cache.shape[2], q.device)

@@ -57,4 +57,6 @@ def unrope(k: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> t
     """Raw keys [..., H, D] (float32 or wider) from post-RoPE keys; identity without RoPE."""
     if rotary is None:
         return k.to(torch.promote_types(k.dtype, torch.float32))
-    return rotate(k, positions, rotary, inverse=True)
+    # The paged forms un-RoPE whole pages: a last page's slots past the sequence may lie past the table
+    # (max_model_len not a multiple of the block size); their keys are masked, any angle serves them.
+    return rotate(k, positions.clamp_max(rotary.cos_sin.shape[0] - 1), rotary, inverse=True)

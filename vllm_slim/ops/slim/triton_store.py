@@ -26,19 +26,19 @@ from vllm_slim.ops.triton_build import check_device, kernel_definitions, pad
 with kernel_definitions():
 
     @triton.jit
-    def rotary_columns(cos_sin_ptr, position, ROT: tl.constexpr, HALF_PAD: tl.constexpr, NEOX: tl.constexpr):
-        """A row's rotary pairs as [1, HALF_PAD] columns (first, second), the lanes that hold one, and the
-        cos, sin of their angles at `position` (ROT = 0: no pair)."""
+    def row_angles(cos_sin_ptr, positions, ROT: tl.constexpr, HALF_PAD: tl.constexpr, NEOX: tl.constexpr):
+        """For rows at `positions` [N]: the rotary pairs as [1, HALF_PAD] columns (first, second), the lanes
+        that hold one, and the cos, sin [N, HALF_PAD] of their angles (ROT = 0: no pair)."""
         i = tl.arange(0, HALF_PAD)
         pair = i < ROT // 2
         if NEOX:
             first, second = i, i + ROT // 2
         else:
             first, second = 2 * i, 2 * i + 1
-        angle = position.to(tl.int64) * ROT + i
-        cos = tl.load(cos_sin_ptr + angle, mask=pair, other=0.0)
-        sin = tl.load(cos_sin_ptr + angle + ROT // 2, mask=pair, other=0.0)
-        return first[None, :], second[None, :], pair[None, :], cos[None, :], sin[None, :]
+        angle = positions.to(tl.int64)[:, None] * ROT + i[None, :]
+        cos = tl.load(cos_sin_ptr + angle, mask=pair[None, :], other=0.0)
+        sin = tl.load(cos_sin_ptr + angle + ROT // 2, mask=pair[None, :], other=0.0)
+        return first[None, :], second[None, :], pair[None, :], cos, sin
 
     @triton.jit
     def load_key(rows, first, second, tail, pair, in_tail):
@@ -66,7 +66,7 @@ with kernel_definitions():
         t = tl.program_id(0).to(tl.int64)
         heads = tl.arange(0, H_PAD)[:, None]
         live = heads < H
-        first, second, pair, cos, sin = rotary_columns(cos_sin_ptr, tl.load(positions_ptr + t), ROT, HALF_PAD, NEOX)
+        first, second, pair, cos, sin = row_angles(cos_sin_ptr, tl.load(positions_ptr + t + tl.arange(0, 1)), ROT, HALF_PAD, NEOX)
         pair = live & pair
         tail = ROT + tl.arange(0, TAIL_PAD)[None, :]
         in_tail = live & (tail < D)
@@ -100,7 +100,7 @@ with kernel_definitions():
         live = heads < tl.where(slot < 0, 0, H)
         block, offset = tl.maximum(slot, 0) // BLOCK_SIZE, tl.maximum(slot, 0) % BLOCK_SIZE
         rows = cache_ptr + block * stride_block + heads * stride_head + offset * stride_token
-        first, second, pair, cos, sin = rotary_columns(cos_sin_ptr, tl.load(positions_ptr + t), ROT, HALF_PAD, NEOX)
+        first, second, pair, cos, sin = row_angles(cos_sin_ptr, tl.load(positions_ptr + t + tl.arange(0, 1)), ROT, HALF_PAD, NEOX)
         pair = live & pair
         tail = ROT + tl.arange(0, TAIL_PAD)[None, :]
         in_tail = live & (tail < D)
