@@ -12,7 +12,8 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # --noconftest: the suite's conftest builds models with vLLM's tokenizer stack, which the machine lacks;
 # the gpu tests need none of its fixtures.
 timeout 240 python3 -m pytest --noconftest -p no:cacheprovider -m gpu -v -rs \
-    tests/test_slim_triton.py tests/test_slim_triton_store.py tests/test_sata_triton.py 2>&1 | tee "$out/gpu_tests.log"
+    tests/test_slim_triton.py tests/test_slim_triton_store.py tests/test_slim_triton_prefill.py \
+    tests/test_sata_triton.py tests/test_sata_triton_prefill.py 2>&1 | tee "$out/gpu_tests.log"
 tests=$?
 timeout 240 python3 -m benchmarks.gpu_decode --out "$out" 2>&1 | tee "$out/gpu_decode.log"
 bench=$?

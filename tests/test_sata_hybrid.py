@@ -117,14 +117,17 @@ def test_chunk_form_holds_large_logits_on_one_scale():
 
 
 @pytest.mark.parametrize("splits", [[10], [8, 1, 1]], ids=["prefill", "decode"])
-def test_chunk_form_holds_exact_logits_far_below_the_series(splits):
-    """One head, d = 1, scale 1, window 2: the first 8 keys give logit 40 (series weight T(40) = 841 once
-    they leave the window), the last 2 give -300, exact: scaled by the exact part's largest logit alone,
-    the series would be weighted by e^300, past float32's range (NaN where the reference is finite)."""
+@pytest.mark.parametrize("window", [2, 10], ids=["series", "no_series"])
+def test_chunk_form_holds_exact_logits_far_below_the_series(splits, window):
+    """One head, d = 1, scale 1: the first 8 keys give logit 40 (series weight T(40) = 841 once they leave
+    a window of 2), the last 2 give -300, exact: scaled by the exact part's largest logit alone, the series
+    would be weighted by e^300, past float32's range; with a window of 10 nothing enters the series, and
+    e^300 times its empty read must not be NaN either (the reference is finite in both)."""
     q = torch.full((10, 1, 1), 20.0)
     k = torch.cat((torch.full((8, 1, 1), 2.0), torch.full((2, 1, 1), -15.0)))
+    k[:8] = k[:8] if window == 2 else -15.0
     v = torch.randn(10, 1, 3, generator=torch.Generator().manual_seed(0))
-    options = dict(scale=1.0, order=3, sink_tokens=0, window=2)
+    options = dict(scale=1.0, order=3, sink_tokens=0, window=window)
     out, _ = split_run(q, k, v, splits, **options)
     reference = naive_hybrid_sata_attention(q.double(), k.double(), v.double(), **options)
     assert out.isfinite().all()

@@ -39,13 +39,14 @@ def sata(servers, models):
 @pytest.mark.server
 @pytest.mark.parametrize("heads", [{}, {"num_key_value_heads": 2}], ids=["mha", "gqa"])
 def test_greedy_equals_reference(servers, models, prompts, heads):
-    """The GQA server decodes through the Triton kernel under Triton's interpreter, the MHA one through
-    the CPU's fused loop."""
+    """The GQA server prefills and decodes through the Triton kernels under Triton's interpreter, the MHA
+    one through the chunk form and the CPU's fused loop."""
     model = models("llama", **SMALL, **heads)
     triton = bool(heads)
     server = servers.get(model, *MAIN, env={"VLLM_SLIM_TRITON": "1"} if triton else None)
     assert "Using SATA attention backend on CPU" in server.log()
-    assert ("sata: decodes without a window through Triton kernels under Triton's interpreter" in server.log()) == triton
+    kernels = "sata: decodes and plain prefills through Triton kernels under Triton's interpreter"
+    assert (kernels in server.log()) == triton
     assert "sata: prefix caching turned off" in server.log()
     kv_heads = heads.get("num_key_value_heads", 4)
     state = 2 * kv_heads * math.comb(16 + 2, 2) * (16 + 1) * 4  # layers x heads x features x (d_v + 1) x fp32

@@ -247,7 +247,7 @@ def bind_sata_layers(model: torch.nn.Module) -> None:
         attn.impl.bind(attn)
     if layers:
         log_state(list(layers.values()))
-        logger.info("sata: decodes without a window through %s", kernel_path(next(model.parameters()).device))
+        logger.info("sata: decodes and plain prefills through %s", kernel_path(next(model.parameters()).device))
 
 
 def _selects_sata(vllm_config) -> bool:

@@ -9,9 +9,10 @@ recent tokens, kept in the same fixed-size state, and the series for everything 
 
 Per step the builder gathers each request's state block into a persistent index buffer and the
 tokens each state already holds (all on the device); `forward` runs one batched chunk form over
-every sequence of the step, prefills and decodes alike. Plain sata's decodes (no window) run a fused
-form instead, each state read and written once in place: the Triton kernel of `ops/sata/triton_decode.py`
-on CUDA, the loop of `ops/sata/cpu_decode.c` on the CPU.
+every sequence of the step, prefills and decodes alike. Decodes run a fused form instead, each state read
+and written once in place: on CUDA the Triton kernels of `ops/sata/triton_decode.py` (the hybrid's too), on
+the CPU the loop of `ops/sata/cpu_decode.c` (plain sata). On CUDA plain sata's prefills run the Triton
+kernels of `ops/sata/triton_prefill.py` (a step's new tokens as one chunk); the hybrid's, the chunk form.
 """
 
 from dataclasses import dataclass
@@ -212,14 +213,25 @@ class SataAttentionImpl(AttentionImpl):
     ) -> torch.Tensor:
         """[tokens, H, d_v] for the step's decodes (max_query_len 1) or its prefills: `requests`."""
         indices, reset, context_lens = md.state_indices[requests], md.reset[requests], md.context_lens[requests]
-        if max_query_len == 1 and not self.policy.window:
-            # Plain sata's decodes: each state read and written once, in place.
+        if max_query_len == 1:
+            # Decodes: each state read and written once, in place (on the CPU, plain sata's only).
             if uses_triton(pages.device):
                 from vllm_slim.ops.sata.triton_decode import triton_decode_sata  # imports triton: only when used
 
-                return triton_decode_sata(q, k, v, pages, indices, reset, self.scale, self.policy.order)
+                return triton_decode_sata(
+                    q, k, v, pages, indices, reset, self.scale, self.policy.order, context_lens,
+                    self.policy.sink_tokens, self.policy.window,
+                )
             if sata_cpu.supports(pages, self.policy.window):
                 return sata_cpu.fused_decode_sata(q, k, v, pages, indices, reset, self.scale, self.policy.order)
+        elif not self.policy.window and uses_triton(pages.device):
+            # Plain sata's prefills: the step's new tokens of a sequence as one chunk, its state updated once.
+            from vllm_slim.ops.sata.triton_prefill import triton_prefill_sata  # imports triton: only when used
+
+            return triton_prefill_sata(
+                q, k, v, md.prefill_query_start_loc, max_query_len, pages, indices, reset, self.scale,
+                self.policy.order,
+            )
         query_start_loc = md.decode_query_start_loc if max_query_len == 1 else md.prefill_query_start_loc
         return chunk_sata_varlen(
             q, k, v, query_start_loc, context_lens, max_query_len, pages, indices, reset, self.scale,

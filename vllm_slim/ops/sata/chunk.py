@@ -115,16 +115,18 @@ def chunk_sata_varlen(
         phi_q = feature_map(queries[:, chunk], order, scale)  # [P, c, Hkv, G, m]
         read = torch.einsum("pthgm,phmv->phgtv", phi_q, series)  # the state's part, unscaled
         series_weights = truncated_exp(logits, order).masked_fill(~causal | exact, 0.0)
-        offset = torch.zeros_like(logits[..., :1])
+        offset, series_scale = torch.zeros_like(logits[..., :1]), 1.0
         if window:
             # One scale c for both parts: the larger of the largest exact logit and the log of the series'
-            # total weight (> 0 for the odd orders served), so that exp(x − c) and the series times exp(−c)
-            # both stay at most 1 whichever part dominates the row.
+            # total weight (at least 1/2 a token for the odd orders served), so that exp(x − c) and the series
+            # times exp(−c) both stay at most 1 whichever part dominates the row; an empty series takes no
+            # share (exp(−c) alone overflows when every exact logit is below −88).
             series_total = read[..., -1:] + series_weights.sum(-1, keepdim=True)
             offset = torch.maximum(logits.masked_fill(~exact, float("-inf")).amax(-1, keepdim=True), series_total.log())
             offset = offset.where(offset.isfinite(), 0.0)
-        weights = torch.where(exact & causal, (logits - offset).exp(), series_weights * (-offset).exp())
-        read = read * (-offset).exp() + torch.einsum("phgts,phsv->phgtv", weights, local_v1)
+            series_scale = torch.where(series_total > 0, (-offset).exp(), 0.0)
+        weights = torch.where(exact & causal, (logits - offset).exp(), series_weights * series_scale)
+        read = read * series_scale + torch.einsum("phgts,phsv->phgtv", weights, local_v1)
         out[:, chunk] = (read[..., :-1] / read[..., -1:]).permute(0, 3, 1, 2, 4)
         # The token at position p pushes the key at p − W out of the window, into the series: from the
         # chunk itself, or from the ring slot that p takes over (p − W is before this chunk).

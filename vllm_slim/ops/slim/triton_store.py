@@ -66,7 +66,8 @@ with kernel_definitions():
         t = tl.program_id(0).to(tl.int64)
         heads = tl.arange(0, H_PAD)[:, None]
         live = heads < H
-        first, second, pair, cos, sin = row_angles(cos_sin_ptr, tl.load(positions_ptr + t + tl.arange(0, 1)), ROT, HALF_PAD, NEOX)
+        position = tl.load(positions_ptr + t + tl.arange(0, 1))  # [1]: one row's angles
+        first, second, pair, cos, sin = row_angles(cos_sin_ptr, position, ROT, HALF_PAD, NEOX)
         pair = live & pair
         tail = ROT + tl.arange(0, TAIL_PAD)[None, :]
         in_tail = live & (tail < D)
@@ -100,7 +101,8 @@ with kernel_definitions():
         live = heads < tl.where(slot < 0, 0, H)
         block, offset = tl.maximum(slot, 0) // BLOCK_SIZE, tl.maximum(slot, 0) % BLOCK_SIZE
         rows = cache_ptr + block * stride_block + heads * stride_head + offset * stride_token
-        first, second, pair, cos, sin = row_angles(cos_sin_ptr, tl.load(positions_ptr + t + tl.arange(0, 1)), ROT, HALF_PAD, NEOX)
+        position = tl.load(positions_ptr + t + tl.arange(0, 1))  # [1]: one row's angles
+        first, second, pair, cos, sin = row_angles(cos_sin_ptr, position, ROT, HALF_PAD, NEOX)
         pair = live & pair
         tail = ROT + tl.arange(0, TAIL_PAD)[None, :]
         in_tail = live & (tail < D)
