@@ -55,7 +55,6 @@ def bf16_models(models, trained_model, tmp_path_factory):
         "trained": trained_model,
         "minilm_attention": build_minilm_attention_llama(tmp_path_factory.mktemp("minilm") / "model"),
         "random": models("llama", dtype="bfloat16", hidden_size=256, num_heads=8),
-        "well_conditioned": models("llama", dtype="bfloat16", hidden_size=256, num_heads=8, conditioning="well"),
     }
 
 
@@ -87,7 +86,9 @@ def slim_and_stock_errors(servers, bf16_models, stock_logprobs, which, *slim_arg
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("which", ["trained", "minilm_attention", "random", "well_conditioned"])
+# The well-conditioned W_K (cond 1) of README's table is checked without a server, in
+# tests/test_slim_numerics.py: its layout (spill 0, 2x) is the only thing it adds to these three.
+@pytest.mark.parametrize("which", ["trained", "minilm_attention", "random"])
 def test_bf16_teacher_forced_error_within_bound_of_stock(servers, bf16_models, stock_logprobs, which):
     stock_error, slim_error, slim_server = slim_and_stock_errors(servers, bf16_models, stock_logprobs, which)
     layout = next(line for line in slim_server.log().splitlines() if "layout: K in" in line)

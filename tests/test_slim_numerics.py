@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vllm_slim.fixtures.models import build_model
 from vllm_slim.fixtures.numerics import layer_errors, trained_attention_inputs
 from vllm_slim.ops.slim import solve_projection
 from vllm_slim.ops.slim.policy import SlimPolicy, choose_layout
@@ -114,3 +115,21 @@ def test_policy_knobs_shape_the_layout(trained_model):
 def test_bad_knob_values_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         SlimPolicy.from_config(options)
+
+
+def test_well_conditioned_keys_need_no_spill(tmp_path):
+    """A bfloat16 Llama whose W_K has condition number 1 (README's bf16 table): the default layout keeps
+    K alone in float16 (refined), 2x the stock cache's tokens, within the error budget."""
+    model = build_model("llama", tmp_path, dtype="bfloat16", hidden_size=256, num_heads=8, conditioning="well")
+    weights = load_file(model / "model.safetensors")
+    layers = {
+        i: (weights[f"model.layers.{i}.self_attn.k_proj.weight"].T.float(),
+            weights[f"model.layers.{i}.self_attn.v_proj.weight"].T.float(), None, None)
+        for i in range(2)
+    }
+    for w_k, *_ in layers.values():
+        assert torch.linalg.cond(w_k.double()).item() == pytest.approx(1.0, abs=1e-2)
+    layout, _ = choose_layout(layers, 8, 32, torch.bfloat16, torch.bfloat16, False, SlimPolicy())
+    assert (layout.store_dtype, layout.refine, layout.spill_per_head) == (torch.float16, True, 0)
+    assert layout.within_budget and layout.capacity_gain == 2.0
+

@@ -72,8 +72,8 @@ def test_float32_greedy_equals_stock_and_capacity_doubles(servers, models, promp
     layers = config.get("num_hidden_layers", config.get("n_layer"))
     assert slim_layers_bound(slim) == layers
     assert "Using SLIM attention backend on CPU" in slim.log()
-    # The interpreter runs a decode step of this model in seconds: 12 tokens (the first 12 of stock's 32).
-    max_tokens = 12 if triton else 32
+    # The interpreter runs a decode step of this model in seconds: 8 tokens (the first 8 of stock's 32).
+    max_tokens = 8 if triton else 32
     for prompt, got, expected in zip(prompts, slim.greedy_tokens(list(prompts), max_tokens), stock_tokens, strict=True):
         assert got == expected[:max_tokens], prompt
     assert slim.capacity_tokens() >= 1.95 * stock_capacity
