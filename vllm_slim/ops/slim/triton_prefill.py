@@ -37,7 +37,7 @@ import triton.language as tl
 from vllm_slim.ops.slim.projection import SlimProjection
 from vllm_slim.ops.slim.rope import Rotary
 from vllm_slim.ops.slim.triton_decode import softmax_step, tile_rows
-from vllm_slim.ops.slim.triton_store import load_key, row_angles, store_key
+from vllm_slim.ops.slim.triton_store import load_key, rotation_constants, row_angles, store_key
 from vllm_slim.ops.triton_build import INTERPRETED, check_device, kernel_definitions, pad
 
 BLOCK_M = 64  # queries a program holds (fewer when the step's longest query is shorter)
@@ -174,9 +174,8 @@ def triton_prefill_slim_attention(
     raw_kernel[(triton.cdiv(length, rows // heads_pow2), num_sequences)](
         kv_cache, table, lens, cos_sin, anything if proj.k_bias is None else proj.k_bias, raw,
         stride_block, stride_head, stride_token, table.stride(0), length,
-        H=heads, HEADS_POW2=heads_pow2, D=head_size, R=spill, R_PAD=pad(spill), ROT=rotary_dim,
-        HALF_PAD=pad(rotary_dim // 2), TAIL_PAD=pad(head_size - rotary_dim), NEOX=rotary is None or rotary.neox,
-        K_BIAS=proj.k_bias is not None, BLOCK_SIZE=block_size, ROWS=rows,
+        H=heads, HEADS_POW2=heads_pow2, D=head_size, R=spill, R_PAD=pad(spill), K_BIAS=proj.k_bias is not None,
+        BLOCK_SIZE=block_size, ROWS=rows, **rotation_constants(rotary_dim, head_size, rotary is None or rotary.neox),
     )
     raw = raw.view(num_sequences * length, -1)
     keys, spills = raw[:, : heads * head_size], raw[:, heads * head_size :]

@@ -118,6 +118,12 @@ with kernel_definitions():
         tl.store(rows + D + r, spill, mask=in_spill)
 
 
+def rotation_constants(rotary_dim: int, head_size: int, neox: bool) -> dict:
+    """The constexprs `row_angles`, `load_key` and `store_key` take for a rotary slice of rotary_dim
+    columns of a head of head_size (rotary_dim 0: nothing rotates, the whole row is the tail)."""
+    return dict(ROT=rotary_dim, HALF_PAD=pad(rotary_dim // 2), TAIL_PAD=pad(head_size - rotary_dim), NEOX=neox)
+
+
 def triton_store_rows(
     kv_cache: torch.Tensor,
     key: torch.Tensor,
@@ -151,9 +157,9 @@ def triton_store_rows(
             key, value, positions, cos_sin, proj.k_bias if proj.k_bias is not None else anything,
             proj.v_bias if proj.v_bias is not None else anything, kv0,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            H=heads, H_PAD=pad(heads), D=head_size, DV=value_size, DV_PAD=pad(value_size), ROT=rotary_dim,
-            HALF_PAD=pad(rotary_dim // 2), TAIL_PAD=pad(head_size - rotary_dim), NEOX=neox,
+            H=heads, H_PAD=pad(heads), D=head_size, DV=value_size, DV_PAD=pad(value_size),
             K_BIAS=proj.k_bias is not None, V_BIAS=proj.v_bias is not None,
+            **rotation_constants(rotary_dim, head_size, neox),
         )
         if proj.spill:
             spill_rows = kv0 @ proj.spill_in
@@ -162,7 +168,6 @@ def triton_store_rows(
     row_kernel[(tokens,)](
         source, spill_rows, positions, slots, cos_sin, anything if k_bias is None else k_bias, kv_cache,
         source.stride(0), source.stride(1), stride_block, stride_head, stride_token,
-        H=heads, H_PAD=pad(heads), D=head_size, R=spill, R_PAD=pad(spill), ROT=rerotated,
-        HALF_PAD=pad(rerotated // 2), TAIL_PAD=pad(head_size - rerotated), NEOX=neox,
-        K_BIAS=k_bias is not None, BLOCK_SIZE=kv_cache.shape[2],
+        H=heads, H_PAD=pad(heads), D=head_size, R=spill, R_PAD=pad(spill), K_BIAS=k_bias is not None,
+        BLOCK_SIZE=kv_cache.shape[2], **rotation_constants(rerotated, head_size, neox),
     )
