@@ -11,8 +11,8 @@ Per step the builder gathers each request's state block into a persistent index 
 tokens each state already holds (all on the device); `forward` runs one batched chunk form over
 every sequence of the step, prefills and decodes alike. Decodes run a fused form instead, each state read
 and written once in place: on CUDA the Triton kernels of `ops/sata/triton_decode.py` (the hybrid's too), on
-the CPU the loop of `ops/sata/cpu_decode.c` (plain sata). On CUDA plain sata's prefills run the Triton
-kernels of `ops/sata/triton_prefill.py` (a step's new tokens as one chunk); the hybrid's, the chunk form.
+the CPU the loop of `ops/sata/cpu_decode.c` (plain sata). On CUDA the prefills, plain and the hybrid's, run
+the Triton kernels of `ops/sata/triton_prefill.py` (a step's new tokens as one chunk).
 """
 
 from dataclasses import dataclass
@@ -224,13 +224,14 @@ class SataAttentionImpl(AttentionImpl):
                 )
             if sata_cpu.supports(pages, self.policy.window):
                 return sata_cpu.fused_decode_sata(q, k, v, pages, indices, reset, self.scale, self.policy.order)
-        elif not self.policy.window and uses_triton(pages.device):
-            # Plain sata's prefills: the step's new tokens of a sequence as one chunk, its state updated once.
+        elif uses_triton(pages.device):
+            # Prefills (plain and the hybrid's): the step's new tokens of a sequence as one chunk, its state
+            # updated once.
             from vllm_slim.ops.sata.triton_prefill import triton_prefill_sata  # imports triton: only when used
 
             return triton_prefill_sata(
                 q, k, v, md.prefill_query_start_loc, max_query_len, pages, indices, reset, self.scale,
-                self.policy.order,
+                self.policy.order, context_lens, self.policy.sink_tokens, self.policy.window,
             )
         query_start_loc = md.decode_query_start_loc if max_query_len == 1 else md.prefill_query_start_loc
         return chunk_sata_varlen(
