@@ -344,9 +344,11 @@ def test_slim_refuses_what_it_cannot_serve_as_the_layer_is_built(model_dir, case
     ({"window": -1}, "sata sink_tokens and window must be >= 0, got 0, -1"),
     ({"orders": 3}, "unknown sata option(s) ['orders']; known: ['order', 'sink_tokens', 'window']"),
     ({"order": "3"}, "sata order must be an integer, got '3'"),
-], ids=["sinks_without_window", "negative_window", "unknown_option", "order_not_integer"])
+    ({"order": 4}, "sata order 4 ends on an odd degree (3)"),
+], ids=["sinks_without_window", "negative_window", "unknown_option", "order_not_integer", "even_order"])
 def test_sata_refuses_bad_options_as_the_layer_is_built(model_dir, options, reason):
-    """Through the layer as a server builds it (tests/test_sata_server.py sends an even order through one)."""
+    """Through the layer as a server builds it (tests/test_sata_server.py sends an order too large for the
+    cache through one: the refusals' path to the user)."""
     config = engine_config(model_dir, "sata", "float32", {"sata": options})
     with pytest.raises(ValueError, match=re.escape(reason)):
         attention_layer(config, SATA_HEAD_SIZE)

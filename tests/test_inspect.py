@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from vllm_slim.backends.weights import QKV_LAYOUTS
 from vllm_slim.cli import main
-from vllm_slim.fixtures.models import ARCHS, build_model
+from vllm_slim.fixtures.models import ARCHS, FAMILY_ARCHS, build_model
 from vllm_slim.inspection import GQA_REASON, SLIM_ATTENTION_MODULES, model_reasons, read_shape
 from vllm_slim.ops.slim.policy import SlimPolicy, choose_layout
 
@@ -47,6 +47,9 @@ def attention_projections(model) -> dict[str, tuple]:
     for name, module in model.named_modules():
         if hasattr(module, "k_proj") and hasattr(module, "v_proj"):
             found[name] = (module.k_proj.weight.T, module.v_proj.weight.T, module.k_proj.bias, module.v_proj.bias)
+        elif hasattr(module, "qkv_proj"):  # Phi-3: rows [q | k | v]
+            _, w_k, w_v = module.qkv_proj.weight.chunk(3, dim=0)
+            found[name] = (w_k.T, w_v.T, None, None)
         elif hasattr(module, "c_attn"):  # GPT-2 Conv1D: [hidden, q | k | v]
             w_q, w_k, w_v = module.c_attn.weight.chunk(3, dim=1)
             b_q, b_k, b_v = module.c_attn.bias.chunk(3)
@@ -88,14 +91,23 @@ def expected_layouts(projections, dtypes, head_size=HEAD_SIZE, num_heads=4):
     return layouts
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+ROPE_SCALING_LINES = {  # the families whose RoPE is scaled: what inspect reports
+    "qwen2": "RoPE scaling: yarn x32.0: un-RoPE divides out the table's own magnitude, exact",
+    "phi3_longrope": "RoPE scaling: longrope: un-RoPE divides out the table's own magnitude, exact",
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS + FAMILY_ARCHS)
 def test_mha_table_matches_the_policy_and_the_weights(models, capsys, arch):
     model_dir = models(arch)
     output = inspect_output(capsys, model_dir, "--dtype", "float32")
+    # Phi-3's sliding window (4096) is past its context (2048): never in effect, not a refusal.
+    assert ROPE_SCALING_LINES.get(arch, "RoPE scaling: none") in output.splitlines()
     projections = attention_projections(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
     rows = layer_rows(output, projections)
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    layouts = expected_layouts(projections, dtypes)
+    head_size = json.loads((model_dir / "config.json").read_text()).get("head_dim") or HEAD_SIZE  # Gemma's: 24
+    layouts = expected_layouts(projections, dtypes, head_size)
 
     assert "slim: applies" in output and "not applicable" not in output
     for index, (name, (w_k, *_)) in enumerate(projections.items()):

@@ -20,6 +20,7 @@ from vllm_slim.ops.slim import (
     write_rows,
 )
 from vllm_slim.ops.slim.cache import NULL_BLOCK, binding_error
+from vllm_slim.ops.slim.projection import SlimNotApplicable
 from batches import rope_table
 
 
@@ -81,9 +82,9 @@ def test_spill_removes_amplified_rounding():
     assert v_error(8) < 1.5 * stock
 
 
-@pytest.mark.parametrize("neox", [True, False])
-def test_unrope_inverts_rope(neox):
-    table = rope_table(64, 16)
+@pytest.mark.parametrize("neox,magnitude", [(True, 1.0), (False, 1.0), (True, 1.3)])
+def test_unrope_inverts_rope(neox, magnitude):
+    table = rope_table(64, 16) * magnitude  # a scaled rotary embedding's table (YaRN, longrope) when not 1
     rotary = Rotary(table, 16, neox)
     k = torch.randn(64, 3, 32)
     pos = torch.arange(64)
@@ -136,7 +137,8 @@ def write_sequences(rows_per_seq, block_size, seed=0, padding=3, token_major=Fal
 
 ROPES = {
     "none": lambda d: None,
-    "neox": lambda d: Rotary(rope_table(512, d), d, True),
+    # A scaled table: YaRN's and longrope's cos and sin carry a magnitude (mscale) that un-RoPE must divide out.
+    "neox": lambda d: Rotary(rope_table(512, d) * 1.19, d, True),
     "gptj_partial": lambda d: Rotary(rope_table(512, d // 2), d // 2, False),
 }
 LAYERS = {  # spill, bias, refine
@@ -279,7 +281,7 @@ def test_paged_forms_equal_float64_softmax_attention(rope):
     d = heads * head_size
     w, b = make_weights(heads, head_size, bias=True, seed=11)
     rotary32 = ROPES[rope](head_size)
-    rotary64 = Rotary(rope_table(512, rotary32.rotary_dim, dtype=torch.float64), rotary32.rotary_dim, rotary32.neox)
+    rotary64 = Rotary(rotary32.cos_sin.double(), rotary32.rotary_dim, rotary32.neox)
     proj = solve_projection(w["k"], w["v"], b["k"], b["v"], heads, 4)
     seq_lens, query_lens = [30, 9, 1, 20], [1, 9, 1, 6]
     g = torch.Generator().manual_seed(5)
@@ -329,3 +331,21 @@ def test_binding_check_refuses_a_wrong_rope_pairing_or_table(model_dtype):
     assert right < (3e-3 if model_dtype == torch.bfloat16 else 1e-4)
     assert error(Rotary(table, head_size, True)) > 100 * right  # pairing
     assert error(Rotary(table * 1.045, head_size, False)) > 10 * right  # magnitude
+
+
+@pytest.mark.parametrize("spill,refine", [(0, False), (8, True)])
+def test_wide_key_projection_rebuilds_values_exactly(spill, refine):
+    """Gemma-7B's shape: heads x head_size (32) wider than the hidden state (24). W_K has full rank, so
+    X = (K − b_K)·W_K⁺ and V follows exactly (float64); one column narrower than hidden is refused."""
+    heads, head_size, hidden, tokens = 4, 8, 24, 40
+    g = torch.Generator().manual_seed(7)
+    w_k, w_v = (torch.randn(hidden, heads * head_size, generator=g, dtype=torch.float64) for _ in range(2))
+    b_k, b_v = (torch.randn(heads * head_size, generator=g, dtype=torch.float64) for _ in range(2))
+    proj = solve_projection(w_k, w_v, b_k, b_v, heads, spill, refine)
+    x = torch.randn(tokens, hidden, generator=g, dtype=torch.float64)
+    k, v = (x @ w_k + b_k).view(tokens, heads, head_size), (x @ w_v + b_v).view(tokens, heads, head_size)
+    rows = cache_rows(k, v, torch.arange(tokens), proj, None).double()
+    rebuilt = rebuild_values(rows[..., :head_size], rows[..., head_size:].flatten(1), proj)
+    assert ((rebuilt.double() - v).norm() / v.norm()).item() < 1e-5  # the maps are held in float32
+    with pytest.raises(SlimNotApplicable, match="fewer columns than the hidden state"):
+        solve_projection(w_k[:, : hidden - 1], w_v[:, : hidden - 1], None, None, 1, 0)

@@ -1,12 +1,15 @@
-"""Slim through the real stock OpenAI server, against the stock backend's own tokens (float32): load with
-preemption, prefix caching, chat and streaming, then exactness and capacity on every architecture. The
-llama tests come first and share their two servers with the parametrized test's first case; GPT-J's slim
-server runs the Triton kernels under Triton's interpreter."""
+"""Slim through the real stock OpenAI server (float32): against the stock backend's own tokens under load
+with preemption and on a prefix-cache hit, chat and streaming, then exactness against Hugging Face's own
+model and capacity against the stock pages' on every architecture. The llama tests come first and share
+their slim server with the parametrized test's first case; GPT-J's slim server runs the Triton kernels
+under Triton's interpreter."""
 
 import json
 import re
 
 import pytest
+
+from vllm_slim.fixtures.models import transformers_greedy
 
 ARCHS = ["llama", "llama_bias", "gpt_neox", "gptj", "gpt2", "opt"]
 FLOAT32 = ("--dtype", "float32")
@@ -43,7 +46,9 @@ def test_concurrent_requests_under_preemption_match_stock(servers, models, promp
 def test_prefix_cache_hit_rebuilds_values_from_cached_keys(servers, models, prompts):
     model = models("llama", dtype="float32")
     prompt = prompts[2]  # long: several full blocks to hit
-    stock = servers.get(model, *FLOAT32).greedy_tokens([prompt])
+    stock_server = servers.get(model, *FLOAT32)
+    stock = stock_server.greedy_tokens([prompt])
+    assert "vllm_slim_" not in stock_server.metrics()  # the plugin is loaded, but exports only for its own backends
     slim = servers.get(model, *SLIM)
     assert slim.greedy_tokens([prompt]) == stock
     hits = _counter(slim.metrics(), "vllm:prefix_cache_hits_total")
@@ -56,24 +61,32 @@ def test_chat_and_streaming(servers, models, prompts, check_chat_and_streaming):
     check_chat_and_streaming(servers.get(models("llama", dtype="float32"), *SLIM), prompts[0])
 
 
+def stock_capacity_tokens(server, config: dict) -> float:
+    """Tokens the stock backend's pages (K and V, float32) would hold in the memory vLLM gave this server's
+    KV cache: its start-up line, in GiB to two decimals (taken at the upper end), over config.json's shape."""
+    gib = float(re.search(r"set \(([\d.]+)/[\d.]+\) GiB for KV cache", server.log())[1]) + 0.005
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    heads, hidden = config.get("num_attention_heads", config.get("n_head")), config.get("hidden_size", config.get("n_embd"))
+    head_size = config.get("head_dim") or hidden // heads  # Gemma's is wider than hidden / heads
+    return gib * 2**30 / (2 * layers * heads * head_size * 4)
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("arch", ARCHS)
-def test_float32_greedy_equals_stock_and_capacity_doubles(servers, models, prompts, arch):
+def test_float32_greedy_equals_transformers_and_capacity_doubles(servers, models, prompts, arch):
+    """Against Hugging Face's own model (the llama one's stock server is compared above, under load and on a
+    prefix-cache hit): one server an architecture."""
     model = models(arch, dtype="float32")
-    stock = servers.get(model, *FLOAT32)
-    stock_tokens = stock.greedy_tokens(list(prompts))
-    stock_capacity = stock.capacity_tokens()
-    assert "vllm_slim_" not in stock.metrics()  # the plugin is loaded, but exports only for its own backends
     triton = arch == TRITON_ARCH
     slim = servers.get(model, *SLIM, env={"VLLM_SLIM_TRITON": "1"} if triton else None)
     assert ("slim: cache writes and decode through Triton kernels under Triton's interpreter" in slim.log()) == triton
     # Which backend ran: every layer bound by slim, the stock CPU backend never picked.
     config = json.loads((model / "config.json").read_text())
-    layers = config.get("num_hidden_layers", config.get("n_layer"))
-    assert slim_layers_bound(slim) == layers
+    assert slim_layers_bound(slim) == config.get("num_hidden_layers", config.get("n_layer"))
     assert "Using SLIM attention backend on CPU" in slim.log()
-    # The interpreter runs a decode step of this model in seconds: 8 tokens (the first 8 of stock's 32).
+    # The interpreter runs a decode step of this model in seconds: 8 tokens.
     max_tokens = 8 if triton else 32
-    for prompt, got, expected in zip(prompts, slim.greedy_tokens(list(prompts), max_tokens), stock_tokens, strict=True):
-        assert got == expected[:max_tokens], prompt
-    assert slim.capacity_tokens() >= 1.95 * stock_capacity
+    prompt_ids, tokens = slim.greedy_completions(list(prompts), max_tokens)
+    for prompt, got, expected in zip(prompts, tokens, transformers_greedy(model, prompt_ids, max_tokens), strict=True):
+        assert got == expected, prompt
+    assert slim.capacity_tokens() >= 1.95 * stock_capacity_tokens(slim, config)

@@ -38,11 +38,20 @@ SLIM_ATTENTION_MODULES = {
     "LLaMAForCausalLM": "LlamaAttention",
     "MistralForCausalLM": "LlamaAttention",  # vLLM's MistralAttention subclasses it
     "Phi3ForCausalLM": "LlamaAttention",  # vLLM's Phi3ForCausalLM is a LlamaForCausalLM
+    "Qwen2ForCausalLM": "Qwen2Attention",
+    "GemmaForCausalLM": "GemmaAttention",
+    "StableLmForCausalLM": "StablelmAttention",
     "GPTJForCausalLM": "GPTJAttention",
     "OPTForCausalLM": "OPTAttention",
     "GPT2LMHeadModel": "GPT2Attention",
-    "GPTNeoXForCausalLM": "GPTNeoXAttention",  # through vLLM's Transformers backend
+    # Hugging Face's modules, through vLLM's Transformers backend
+    "GPTNeoXForCausalLM": "GPTNeoXAttention",
+    "PhiForCausalLM": "PhiAttention",
+    "OlmoForCausalLM": "OlmoAttention",
 }
+# The RoPE scalings vLLM builds for these families; slim's un-RoPE inverts each exactly, the magnitude
+# some carry (YaRN's and longrope's) included. Any other is left to the start-up check.
+ROPE_SCALINGS = ("default", "linear", "dynamic", "ntk", "yarn", "longrope", "llama3")
 GQA_REASON = "K has fewer columns than the hidden state, so V is not a function of K"
 
 
@@ -217,12 +226,29 @@ def find_attention(checkpoint: Checkpoint, shape: ModelShape) -> tuple[list[Atte
 
 
 def sliding_layers(shape: ModelShape) -> list[bool]:
-    """Which layers attend through a sliding window, from config.json."""
+    """Which layers attend through a sliding window, from config.json. A window at least the model's
+    context (max_position_embeddings, vLLM's default max_model_len) never takes effect and the backends
+    serve it as full attention (Phi-3-128k's 262,144)."""
     config = shape.config
+    window, context = config.get("sliding_window"), config.get("max_position_embeddings")
+    if not window or (context and window >= context):
+        return [False] * shape.num_layers
     if isinstance(config.get("layer_types"), list):
         return [kind == "sliding_attention" for kind in config["layer_types"]]
-    sliding = bool(config.get("sliding_window")) and config.get("use_sliding_window", True)
-    return [sliding] * shape.num_layers
+    return [bool(config.get("use_sliding_window", True))] * shape.num_layers
+
+
+def rope_scaling(config: dict) -> str | None:
+    """The RoPE scaling config.json asks for and whether slim inverts it, or None for plain RoPE / none."""
+    parameters = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = parameters.get("rope_type") or parameters.get("type")
+    if kind in (None, "default"):
+        return None
+    factor = parameters.get("factor")
+    named = f"{kind}" + (f" x{factor}" if factor else "")
+    if kind in ROPE_SCALINGS:
+        return f"{named}: un-RoPE divides out the table's own magnitude, exact"
+    return f"{named}: not one slim knows; the start-up check compares it with the model's own rotation"
 
 
 def head_layout(shape: ModelShape) -> str:
@@ -239,7 +265,10 @@ def model_reasons(shape: ModelShape) -> tuple[list[str], list[str]]:
     sliding = sliding_layers(shape)
     if any(sliding):
         window = config.get("sliding_window")
-        both.append(f"sliding-window attention (window {window}, {sum(sliding)} of {len(sliding)} layers)")
+        both.append(
+            f"sliding-window attention (window {window}, {sum(sliding)} of {len(sliding)} layers; "
+            f"served as full attention with --max-model-len {window} or less)"
+        )
     if config.get("attn_logit_softcapping"):
         both.append(f"logit soft-capping ({config['attn_logit_softcapping']})")
     if config.get("is_encoder_decoder"):
@@ -248,6 +277,8 @@ def model_reasons(shape: ModelShape) -> tuple[list[str], list[str]]:
     if shape.num_kv_heads != shape.num_heads:
         kind = "multi-query" if shape.num_kv_heads == 1 else "grouped-query"
         slim.append(f"{kind} attention ({shape.num_heads} query heads, {shape.num_kv_heads} KV heads): {GQA_REASON}")
+    if config.get("clip_qkv"):
+        slim.append(f"clip_qkv ({config['clip_qkv']}) clamps q, k and v: a clamped K no longer determines V")
     quantization = config.get("quantization_config")
     if quantization:
         slim.append(f"quantized weights ({quantization.get('quant_method', '?')}): W_K must be dense to solve W_KV")
@@ -366,6 +397,7 @@ def format_report(report: InspectReport) -> str:
         f"model: {report.model_dir} ({shape.architecture}, model_type {shape.model_type}): {shape.num_layers} layers, "
         f"hidden {shape.hidden_size}, {shape.num_heads} query heads x {shape.head_size}, {shape.num_kv_heads} KV heads",
         f"dtype: {dtype_name(report.dtype)} ({report.dtype_note}); stock KV cache {dtype_name(report.cache_dtype)}",
+        f"RoPE scaling: {rope_scaling(shape.config) or 'none'}",
         "",
     ]
     error_dtypes = list(dict.fromkeys((report.dtype, *SERVING_DTYPES)))

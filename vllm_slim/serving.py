@@ -158,11 +158,17 @@ class Server:
 
     def greedy_tokens(self, prompts: list[str], max_tokens: int = 32) -> list[list[int]]:
         """Greedy completion token ids for `prompts`, sent as one request (decoded as one batch)."""
+        return self.greedy_completions(prompts, max_tokens)[1]
+
+    def greedy_completions(self, prompts: list[str], max_tokens: int = 32) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompt token ids as the server tokenized them, greedy completion token ids) for `prompts`, sent as
+        one request (decoded as one batch)."""
         answer = self.post("/v1/completions", {
             "model": self.model, "prompt": prompts, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "return_token_ids": True,
         })
-        return [choice["token_ids"] for choice in sorted(answer["choices"], key=lambda c: c["index"])]
+        choices = sorted(answer["choices"], key=lambda c: c["index"])
+        return [c["prompt_token_ids"] for c in choices], [c["token_ids"] for c in choices]
 
     def cache_config(self) -> dict[str, str]:
         """The labels of `vllm:cache_config_info` (num_gpu_blocks, block_size, ...)."""

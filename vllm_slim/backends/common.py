@@ -48,7 +48,11 @@ class DecoderAttentionBackend(AttentionBackend):
                 f"attention type {getattr(attn_type, 'value', attn_type)!r} ({name} serves decoder "
                 "self-attention only; encoder and encoder-decoder cross-attention are not handled by it)"
             ),
-            "sliding window not supported": f"sliding-window attention ({cls.sliding_window_reason})",
+            "sliding window not supported": (
+                f"sliding-window attention ({cls.sliding_window_reason}; a window at least --max-model-len "
+                "long never takes effect and is served as full attention: lower --max-model-len to the "
+                "window to serve this model)"
+            ),
         }
         return [specific.get(reason, reason) for reason in super().validate_configuration(**config)]
 

@@ -12,7 +12,8 @@ registering the enum member (see shared notes, vllm-internals §4-5):
   `process_weights_after_loading` binds every slim layer first (and, once the
   weights are done, reports the cache layout for /metrics, `vllm_slim.metrics`).
 The same hook gives every layer of ours the cache spec its model needs (the layout
-is per model, never class state). For sata, three more: prefix caching is turned
+is per model, never class state). A sliding window at least max_model_len long is
+dropped for both (it never takes effect). For sata, three more: prefix caching is turned
 off (a fixed-size state cannot be shared or rewound to a prefix), so is FlashInfer's
 autotune (its warm-up gives state-paged layers no metadata), and the engine's
 "not enough KV cache memory" error is restated as what one sequence's state needs
@@ -63,7 +64,7 @@ def register_backends() -> None:
     undo: list[Callable[[], None]] = []
     steps = (
         (_register_members, AttentionBackendEnum), (_pickle_members_by_name, AttentionBackendEnum),
-        (_honour_selection_on_cpu,), (_bind_weights_after_loading,), (_sata_prefix_caching_off,),
+        (_honour_selection_on_cpu,), (_bind_weights_after_loading,), (_fit_config_to_backend,),
         (_explain_sata_memory_errors,),
     )
     for step, *args in steps:
@@ -247,44 +248,73 @@ def bind_sata_layers(model: torch.nn.Module) -> None:
         attn.impl.bind(attn)
     if layers:
         log_state(list(layers.values()))
-        logger.info("sata: decodes and plain prefills through %s", kernel_path(next(model.parameters()).device))
+        logger.info("sata: decodes and prefills through %s", kernel_path(next(model.parameters()).device))
+
+
+def _selected(vllm_config) -> str | None:
+    """SLIM or SATA when one of ours is the selected backend, else None."""
+    backend = vllm_config.attention_config.backend
+    return backend.name if backend is not None and backend.name in BACKENDS else None
 
 
 def _selects_sata(vllm_config) -> bool:
-    backend = vllm_config.attention_config.backend
-    return backend is not None and backend.name == "SATA"
+    return _selected(vllm_config) == "SATA"
 
 
-def _sata_prefix_caching_off(undo: list) -> None:
+def _fit_config_to_backend(undo: list) -> None:
+    """After the platform's own config check, for our backends only: a sliding window that can never take
+    effect is dropped; for sata, prefix caching and FlashInfer's autotune are turned off."""
     from vllm.platforms import current_platform
 
     platform_cls = type(current_platform)
     stock_check = platform_cls.check_and_update_config.__func__
-    if getattr(stock_check, "_sata_wrapped", False):
+    if getattr(stock_check, "_slim_wrapped", False):
         return
 
     def check_and_update_config(cls, vllm_config) -> None:
         stock_check(cls, vllm_config)
-        if not _selects_sata(vllm_config):
+        if _selected(vllm_config) is None:
             return
-        if vllm_config.cache_config.enable_prefix_caching:
-            vllm_config.cache_config.enable_prefix_caching = False
-            logger.info(
-                "sata: prefix caching turned off: a sequence keeps one fixed-size state, which "
-                "cannot be shared with another sequence or rewound to a common prefix"
-            )
-        kernel_config = getattr(vllm_config, "kernel_config", None)
-        if kernel_config is not None and kernel_config.enable_flashinfer_autotune:
-            # Its dummy run builds no metadata for Mamba-style groups, so sata's layers would find
-            # none (a KeyError in vLLM's attention op; v1/worker/gpu/model_runner.py, 0.33).
-            kernel_config.enable_flashinfer_autotune = False
-            logger.info(
-                "sata: FlashInfer autotune turned off: its warm-up run gives state-paged layers no "
-                "attention metadata; FlashInfer kernels run with their default configurations"
-            )
+        _drop_unreachable_window(vllm_config)
+        if _selects_sata(vllm_config):
+            _sata_config(vllm_config)
 
-    check_and_update_config._sata_wrapped = True
+    check_and_update_config._slim_wrapped = True
     _replace(undo, platform_cls, "check_and_update_config", classmethod(check_and_update_config))
+
+
+def _drop_unreachable_window(vllm_config) -> None:
+    """A sliding window at least max_model_len long never leaves a key out (a query at position p < max_model_len
+    sees p + 1 ≤ window keys): attention is full attention. Phi-3-128k's configs carry 262,144, which would
+    otherwise be refused as a sliding window; a window that can take effect still is, with its values."""
+    cache_config, model_config = vllm_config.cache_config, vllm_config.model_config
+    window, max_model_len = cache_config.sliding_window, model_config.max_model_len
+    if window is None or window < max_model_len:
+        return
+    cache_config.sliding_window = None
+    model_config.hf_text_config.sliding_window = None  # the model files read it per layer from here
+    logger.info(
+        "%s: the model's sliding window (%d tokens) is at least max_model_len (%d), so it never takes effect: "
+        "served as full attention", _selected(vllm_config).lower(), window, max_model_len,
+    )
+
+
+def _sata_config(vllm_config) -> None:
+    if vllm_config.cache_config.enable_prefix_caching:
+        vllm_config.cache_config.enable_prefix_caching = False
+        logger.info(
+            "sata: prefix caching turned off: a sequence keeps one fixed-size state, which "
+            "cannot be shared with another sequence or rewound to a common prefix"
+        )
+    kernel_config = getattr(vllm_config, "kernel_config", None)
+    if kernel_config is not None and kernel_config.enable_flashinfer_autotune:
+        # Its dummy run builds no metadata for Mamba-style groups, so sata's layers would find
+        # none (a KeyError in vLLM's attention op; v1/worker/gpu/model_runner.py, 0.33).
+        kernel_config.enable_flashinfer_autotune = False
+        logger.info(
+            "sata: FlashInfer autotune turned off: its warm-up run gives state-paged layers no "
+            "attention metadata; FlashInfer kernels run with their default configurations"
+        )
 
 
 def _explain_sata_memory_errors(undo: list) -> None:

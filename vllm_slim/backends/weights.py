@@ -9,6 +9,7 @@ known (and proven by the tests) are accepted; anything else is refused.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -19,17 +20,24 @@ from vllm_slim.ops.slim import Rotary, SlimNotApplicable
 @dataclass(frozen=True)
 class QKVLayout:
     attr: str  # the fused q/k/v projection on the attention module
-    per_head_interleaved: bool  # rows [h0: q k v | h1: q k v | ...] instead of [q | k | v]
+    per_head_interleaved: bool = False  # rows [h0: q k v | h1: q k v | ...] instead of [q | k | v]
 
 
-# By attention-module class name (subclasses match too).
+# By attention-module class name (subclasses match too): vLLM's own modules, then Hugging Face's, which
+# vLLM's Transformers backend runs (GPT-NeoX/Pythia, Phi-2, OLMo in vLLM 0.32 and 0.33).
 QKV_LAYOUTS = {
-    "LlamaAttention": QKVLayout("qkv_proj", False),
-    "GPTJAttention": QKVLayout("qkv_proj", False),
-    "OPTAttention": QKVLayout("qkv_proj", False),
-    "GPT2Attention": QKVLayout("c_attn", False),
-    # Hugging Face's module, run by vLLM's Transformers backend.
-    "GPTNeoXAttention": QKVLayout("query_key_value", True),
+    "LlamaAttention": QKVLayout("qkv_proj"),  # Llama-1/2, CodeLlama, Phi-3 (a Llama subclass model)
+    "Qwen2Attention": QKVLayout("qkv_proj"),  # Qwen1.5 (q/k/v biases)
+    "GemmaAttention": QKVLayout("qkv_proj"),  # Gemma-7B: heads x head_dim wider than hidden
+    "StablelmAttention": QKVLayout("qkv_proj"),
+    "GPTJAttention": QKVLayout("qkv_proj"),
+    "OPTAttention": QKVLayout("qkv_proj"),
+    "GPT2Attention": QKVLayout("c_attn"),
+    "GPTNeoXAttention": QKVLayout("query_key_value", per_head_interleaved=True),
+    # The Transformers backend fuses a module's q_proj/k_proj/v_proj into one qkv_proj [q | k | v]
+    # (vLLM 0.32 and 0.33, models/transformers/fusers/qkv.py).
+    "PhiAttention": QKVLayout("qkv_proj"),
+    "OlmoAttention": QKVLayout("qkv_proj"),
 }
 # Per-head q/k normalisation breaks K = X·W_K (one scale per token and head is lost).
 QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
@@ -64,24 +72,37 @@ def attention_weights(model: nn.Module, layer_name: str, attn: nn.Module) -> Att
             f"{layer_name}: slim does not know where {type(parent).__name__} keeps its q/k/v "
             f"projections (supported: {', '.join(QKV_LAYOUTS)})"
         )
-    qkv = getattr(parent, layout.attr)
-    weight, bias = _dense_weight(qkv, layer_name), getattr(qkv, "bias", None)
+    clip = getattr(parent, "clip_qkv", None) or getattr(getattr(parent, "config", None), "clip_qkv", None)
+    if clip:
+        raise SlimNotApplicable(
+            f"{layer_name}: {type(parent).__name__} clamps q, k and v to ±{clip} (clip_qkv): a clamped K no "
+            "longer determines V"
+        )
     heads, head_size = attn.num_heads, attn.head_size
+    qkv = getattr(parent, layout.attr, None)
+    if qkv is None:
+        raise SlimNotApplicable(
+            f"{layer_name}: {type(parent).__name__} has no fused {layout.attr} (vLLM's Transformers backend "
+            "fuses q/k/v where it can; slim reads the fused projection only)"
+        )
+    weight, bias = _projection(qkv, layer_name)
     if weight.shape[0] != 3 * heads * head_size:
         raise SlimNotApplicable(
             f"{layer_name}: qkv weight has {weight.shape[0]} rows, expected 3 x {heads} heads x "
             f"{head_size} (is the model tensor-parallel or quantized?)"
         )
     k_rows, v_rows = key_value_rows(heads, head_size, layout.per_head_interleaved)
+    w_k, w_v = weight[k_rows], weight[v_rows]
+    k_bias, v_bias = (None, None) if bias is None else (bias[k_rows], bias[v_rows])
     rotary, rotate_keys = _rotary(model, parent, layer_name)
     return AttentionWeights(
-        w_k=weight[k_rows].T,
-        w_v=weight[v_rows].T,
-        k_bias=None if bias is None else bias[k_rows].detach(),
-        v_bias=None if bias is None else bias[v_rows].detach(),
+        w_k=w_k.T,
+        w_v=w_v.T,
+        k_bias=k_bias,
+        v_bias=v_bias,
         # process_weights_after_loading runs outside the loader's device context: the table is
         # built on the CPU, and must live where the weights (and the cache) do.
-        rotary=None if rotary is None else rotary.to(weight.device),
+        rotary=rotary if rotary is None or rotary.cos_sin.device == w_k.device else rotary.to(w_k.device),
         rotate_keys=rotate_keys,
     )
 
@@ -95,31 +116,26 @@ def key_value_rows(heads: int, head_size: int, per_head_interleaved: bool):
     return rows[1], rows[2]
 
 
-def _dense_weight(linear: nn.Module, layer_name: str) -> torch.Tensor:
+def _projection(linear: nn.Module, layer_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear layer's dense float weight [out, in] and bias (or None), detached."""
     weight = getattr(linear, "weight", None)
     if weight is None or weight.numel() == 0 or not weight.dtype.is_floating_point:
         raise SlimNotApplicable(
             f"{layer_name}: the qkv weight is not a dense float matrix "
             f"({None if weight is None else weight.dtype}); quantized checkpoints are not supported"
         )
-    return weight.detach()
+    bias = getattr(linear, "bias", None)
+    return weight.detach(), None if bias is None else bias.detach()
 
 
 def _rotary(model: nn.Module, parent: nn.Module, layer_name: str):
     """The layer's RoPE as a float32 cos/sin table and as the model's own rotation of keys, or
     (None, None) (learned/no positions)."""
     rope = getattr(parent, "rotary_emb", None)
-    if rope is not None:  # vLLM's RotaryEmbedding
-        if not hasattr(rope, "_compute_cos_sin_cache") or not hasattr(rope, "rotary_dim"):
-            raise SlimNotApplicable(f"{layer_name}: unsupported rotary embedding {type(rope).__name__}")
-        # Recompute in float32: the engine's own cache is stored in the model dtype.
-        cos_sin = rope._compute_cos_sin_cache().float()
-        if cos_sin.shape[-1] != rope.rotary_dim:
-            raise SlimNotApplicable(
-                f"{layer_name}: rotary embedding {type(rope).__name__} is not a plain "
-                f"cos/sin rotation (cache width {cos_sin.shape[-1]} != rotary_dim {rope.rotary_dim})"
-            )
-        return Rotary(cos_sin, rope.rotary_dim, bool(rope.is_neox_style)), _model_rotation(rope)
+    if rope is not None:  # vLLM's rotary embeddings
+        if rope not in _ROTARIES:
+            _ROTARIES[rope] = _vllm_rotary(rope, layer_name)
+        return _ROTARIES[rope], _model_rotation(rope)
     # Hugging Face models (Transformers backend) rotate with one model-level module.
     hf_rope = next((m for n, m in model.named_modules() if n.endswith("rotary_emb") and hasattr(m, "inv_freq")), None)
     if hf_rope is None:
@@ -127,22 +143,55 @@ def _rotary(model: nn.Module, parent: nn.Module, layer_name: str):
     max_positions = getattr(hf_rope, "max_seq_len_cached", None) or getattr(
         getattr(hf_rope, "config", None), "max_position_embeddings"
     )
-    if float(getattr(hf_rope, "attention_scaling", 1.0)) != 1.0:
-        raise SlimNotApplicable(f"{layer_name}: scaled rotary embedding ({type(hf_rope).__name__})")
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), hf_rope.inv_freq.float().cpu())
+    # Its cos and sin carry the scaling's magnitude (YaRN's, longrope's), as vLLM's tables do.
+    magnitude = float(getattr(hf_rope, "attention_scaling", 1.0))
     # Hugging Face's rotate_half pairs dimension i with i + rotary_dim/2: NeoX style.
-    rotary = Rotary(torch.cat((freqs.cos(), freqs.sin()), dim=-1), 2 * freqs.shape[1], neox=True)
+    table = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * magnitude
     # Not checked against the module's own code (its forward is the whole attention block).
-    return rotary, None
+    return Rotary(table, 2 * freqs.shape[1], neox=True), None
+
+
+# vLLM shares one rotary module between all layers of a model (get_rope caches them): one table (and
+# its inverse) per module, not per layer (Phi-3-128k's is 50 MiB).
+_ROTARIES: "WeakKeyDictionary[nn.Module, Rotary]" = WeakKeyDictionary()
+
+
+def _vllm_rotary(rope: nn.Module, layer_name: str) -> Rotary:
+    """The table a vLLM rotary module rotates with, recomputed in float32 (the module keeps its own in the
+    model dtype) on the device of its parameters' buffers."""
+    device = next(rope.buffers()).device
+    if hasattr(rope, "long_short_cos_sin_cache"):
+        # Phi-3's longrope: the short table then the long one; the module picks one for good at start-up
+        # (max_model_len past original_max_position_embeddings: the long one). NeoX style only.
+        if rope.use_long_rope:
+            table = rope._compute_cos_sin_cache(rope.max_position_embeddings, rope.long_factor, rope.long_mscale)
+        else:
+            table = rope._compute_cos_sin_cache(
+                rope.original_max_position_embeddings, rope.short_factor, rope.short_mscale
+            )
+        return Rotary(table.float().to(device), rope.rotary_dim, neox=True)
+    if not all(hasattr(rope, a) for a in ("_compute_cos_sin_cache", "rotary_dim", "is_neox_style")):
+        raise SlimNotApplicable(f"{layer_name}: unsupported rotary embedding {type(rope).__name__}")
+    cos_sin = rope._compute_cos_sin_cache().float()
+    if cos_sin.shape[-1] != rope.rotary_dim:
+        raise SlimNotApplicable(
+            f"{layer_name}: rotary embedding {type(rope).__name__} is not a plain "
+            f"cos/sin rotation (cache width {cos_sin.shape[-1]} != rotary_dim {rope.rotary_dim})"
+        )
+    return Rotary(cos_sin.to(device), rope.rotary_dim, bool(rope.is_neox_style))
 
 
 def _model_rotation(rope: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Keys rotated by vLLM's rotary module itself (its native path, in its table's dtype so that
     the module keeps its table as it is)."""
+    table = rope.long_short_cos_sin_cache if hasattr(rope, "long_short_cos_sin_cache") else rope.cos_sin_cache
+    # Phi-3's longrope has no forward_native: its forward is torch code.
+    native = getattr(rope, "forward_native", rope.forward)
 
     def rotate_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        table = rope.cos_sin_cache
-        rotated, _ = rope.forward_native(positions.to(table.device), keys.flatten(1).to(table.device, table.dtype))
+        flat = keys.flatten(1).to(table.device, table.dtype)
+        _, rotated = native(positions.to(table.device), flat.clone(), flat)
         return rotated.view_as(keys)
 
     return rotate_keys

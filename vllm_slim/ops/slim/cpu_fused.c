@@ -259,13 +259,14 @@ static void product(float *out, const float *a, const float *b, int rows, int K,
 
 /* T new tokens' rows written at their slots, STORE_CHUNK tokens a pass, on torch's OpenMP threads:
  * key [T][H*D] (row stride key_stride elements), value [T][H*Dv] (value_stride); refine [K][H*D] or
- * NULL, spill_in [K][H*R] (K = H*D + H*Dv); biases or NULL; cos_sin [positions][rotary_dim]
- * (rotary_dim 0: no RoPE). */
+ * NULL, spill_in [K][H*R] (K = H*D + H*Dv); biases or NULL; cos_sin [positions][rotary_dim] the
+ * model's table (it re-rotates refined keys), uncos_sin its inverse (it un-rotates the given keys: a
+ * scaled table's magnitude divided out); rotary_dim 0: no RoPE. */
 int slim_store(void *cache, int cache_dtype, int64_t stride_block, int64_t stride_head, int64_t stride_token,
                int block_size, const void *key, const void *value, int in_dtype, int64_t key_stride,
                int64_t value_stride, const int64_t *slots, const int64_t *positions, int T, int H, int D, int Dv,
                int R, const float *refine, const float *spill_in, const float *k_bias, const float *v_bias,
-               const float *cos_sin, int rotary_dim, int neox) {
+               const float *cos_sin, const float *uncos_sin, int rotary_dim, int neox) {
     const int HD = H * D, HR = H * R, K = HD + H * Dv, derived = refine != NULL || R > 0;
     const int64_t in_size = element_size(in_dtype), cache_size = element_size(cache_dtype);
     /* kv0: each token's raw key minus its bias, then its value minus its bias (rows past the chunk's
@@ -295,7 +296,7 @@ int slim_store(void *cache, int cache_dtype, int64_t stride_block, int64_t strid
                 const int64_t n = first + t;
                 load_row((const char *)key + n * key_stride * in_size, in_dtype, HD, keys + (int64_t)t * HD);
                 if (!derived) continue;
-                const float *cs = cos_sin + positions[n] * rotary_dim;
+                const float *cs = uncos_sin + positions[n] * rotary_dim;
                 for (int h = 0; h < H; h++)
                     rotate(keys + (int64_t)t * HD + h * D, cs, rotary_dim, neox, D, -1.0f, row + h * D);
                 load_row((const char *)value + n * value_stride * in_size, in_dtype, H * Dv, row + HD);
@@ -334,7 +335,7 @@ int slim_store(void *cache, int cache_dtype, int64_t stride_block, int64_t strid
 /* ---- decode ---- */
 
 static void decode_one(const void *cache, int dtype, int64_t stride_block, int64_t stride_head, int64_t stride_token,
-                       const int32_t *blocks, int n, const float *qb, const float *cos_sin, int rotary_dim, int neox,
+                       const int32_t *blocks, int n, const float *qb, const float *uncos_sin, int rotary_dim, int neox,
                        int H, int D, int R, int block_size, float scale, float *scratch, float *tile, float *weights,
                        float *acc, float *z, float *zs) {
     const int HD = H * D, HR = H * R, Hp = round_up(H, HT), W = HD + HR;
@@ -352,7 +353,7 @@ static void decode_one(const void *cache, int dtype, int64_t stride_block, int64
                                    (int64_t)(l % block_size) * stride_token;
                 float *raw = tile + (int64_t)i * W;
                 weights[h * TILE + i] = scale * read_key((const char *)cache + at * element_size(dtype), dtype,
-                                                         qb + h * D, cos_sin + (int64_t)l * rotary_dim, rotary_dim,
+                                                         qb + h * D, uncos_sin + (int64_t)l * rotary_dim, rotary_dim,
                                                          neox, D, R, raw + h * D, raw + HD + h * R, scratch);
             }
         for (int h = 0; h < H; h++) {
@@ -380,7 +381,7 @@ static void decode_one(const void *cache, int dtype, int64_t stride_block, int64
  * shares the libgomp torch already loaded, so its threads are torch's own, not a second pool). */
 int slim_decode(const void *cache, int dtype, int64_t stride_block, int64_t stride_head, int64_t stride_token,
                 const int32_t *block_table, int64_t table_stride, const int32_t *seq_lens,
-                const float *q, const float *cos_sin, int rotary_dim, int neox,
+                const float *q, const float *uncos_sin, int rotary_dim, int neox,
                 int batch, int H, int D, int R, int block_size, float scale,
                 float *z, float *zs) {
     const int Hp = round_up(H, HT), W = H * (D + R);
@@ -398,7 +399,7 @@ int slim_decode(const void *cache, int dtype, int64_t stride_block, int64_t stri
             if (status) continue;
             const int n = seq_lens[b] > 0 ? seq_lens[b] : 1; /* padding rows: any finite answer */
             decode_one(cache, dtype, stride_block, stride_head, stride_token, block_table + (int64_t)b * table_stride,
-                       n, q + (int64_t)b * H * D, cos_sin, rotary_dim, neox, H, D, R, block_size, scale, scratch,
+                       n, q + (int64_t)b * H * D, uncos_sin, rotary_dim, neox, H, D, R, block_size, scale, scratch,
                        tile, weights, acc, z + (int64_t)b * H * H * D, zs + (int64_t)b * H * H * R);
         }
         free(scratch);

@@ -23,10 +23,12 @@ def supports(kv_cache: torch.Tensor, num_heads: int) -> bool:
     )
 
 
-def _rotary_args(rotary: Rotary | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def _rotary_args(rotary: Rotary | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The model's cos/sin table, its inverse (`Rotary.inverse_cos_sin`), rotary_dim and NeoX-ness."""
     if rotary is None:
-        return like.new_zeros(1, dtype=torch.float32), 0, 0
-    return rotary.cos_sin.float().contiguous(), rotary.rotary_dim, int(rotary.neox)
+        none = like.new_zeros(1, dtype=torch.float32)
+        return none, none, 0, 0
+    return rotary.cos_sin.float().contiguous(), rotary.inverse_cos_sin, rotary.rotary_dim, int(rotary.neox)
 
 
 def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,7 @@ def fused_store_rows(
     key, value = _heads_contiguous(key), _heads_contiguous(value.to(key.dtype))
     slots = slot_mapping[:tokens].to(torch.int64).contiguous()
     positions = positions[:tokens].to(torch.int64).contiguous()
-    cos_sin, rotary_dim, neox = _rotary_args(rotary, key)
+    cos_sin, inverse_cos_sin, rotary_dim, neox = _rotary_args(rotary, key)
     # Held here until the call returns (float32, contiguous: as `solve_projection` made them).
     maps = [None if m is None else m.float().contiguous() for m in (proj.refine, proj.spill_in, proj.k_bias, proj.v_bias)]
     stride_block, stride_head, stride_token, _ = kv_cache.stride()
@@ -59,7 +61,8 @@ def fused_store_rows(
         ctypes.c_int64(stride_token), kv_cache.shape[2], pointer(key), pointer(value), DTYPES[key.dtype],
         ctypes.c_int64(key.stride(0)), ctypes.c_int64(value.stride(0)), pointer(slots), pointer(positions), tokens,
         heads, head_size, value.shape[-1], kv_cache.shape[-1] - head_size,
-        *(None if m is None else pointer(m) for m in maps), pointer(cos_sin), rotary_dim, neox,
+        *(None if m is None else pointer(m) for m in maps), pointer(cos_sin), pointer(inverse_cos_sin),
+        rotary_dim, neox,
     )
     if failed:
         raise MemoryError("slim: the fused CPU store could not allocate its row buffers")
@@ -81,14 +84,14 @@ def fused_decode_rows(
     q = q.float().contiguous()
     table = block_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    cos_sin, rotary_dim, neox = _rotary_args(rotary, q)
+    _, inverse_cos_sin, rotary_dim, neox = _rotary_args(rotary, q)
     z = q.new_empty(batch, heads, heads * head_size)
     z_spill = q.new_empty(batch, heads, heads * spill)
     stride_block, stride_head, stride_token, _ = kv_cache.stride()
     failed = lib.slim_decode(
         pointer(kv_cache), DTYPES[kv_cache.dtype], ctypes.c_int64(stride_block), ctypes.c_int64(stride_head),
         ctypes.c_int64(stride_token), pointer(table), ctypes.c_int64(table.stride(0)), pointer(lens), pointer(q),
-        pointer(cos_sin), rotary_dim, neox, batch, heads, head_size, spill, kv_cache.shape[2],
+        pointer(inverse_cos_sin), rotary_dim, neox, batch, heads, head_size, spill, kv_cache.shape[2],
         ctypes.c_float(scale), pointer(z), pointer(z_spill),
     )
     if failed:

@@ -2,7 +2,9 @@
 
 Row-vector convention, as in the paper: K = X·W_K + b_K, V = X·W_V + b_V with
 W_K square (multi-head attention, one head block of K per head of V). Then
-V = (K − b_K)·W_K⁻¹·W_V + b_V exactly.
+V = (K − b_K)·W_K⁻¹·W_V + b_V exactly. A W_K wider than the hidden state (heads ×
+head_size > hidden, Gemma-7B) of full rank serves the same way, W_K⁻¹ read as the
+pseudo-inverse W_K⁺ (X·W_K·W_K⁺ = X).
 
 Storage is not exact: the cached K carries its dtype's rounding, and W_K⁻¹
 amplifies it along W_K's weakest singular directions. *Spill* stores, next to
@@ -80,28 +82,30 @@ def solve_projection(
     spill: int,
     refine: bool = False,
 ) -> SlimProjection:
-    """Solve W_KV (and the spill and refinement maps) in float64, never inverting W_K.
+    """Solve W_KV (and the spill and refinement maps) in float64 from W_K's SVD.
 
     w_k: [hidden, d] and w_v: [hidden, dv], so that K = X·w_k (row vectors).
     """
     hidden, d = w_k.shape
-    if hidden != d:
+    if hidden > d:
         raise SlimNotApplicable(
-            f"W_K is {hidden}x{d}, not square: K does not determine X, so V is not a "
-            "function of K (slim needs multi-head attention with heads x head_size == hidden)"
+            f"W_K is {hidden}x{d}: K has fewer columns than the hidden state, so K does not determine X and "
+            "V is not a function of K (slim needs heads x head_size >= hidden, as in multi-head attention)"
         )
-    if not 0 <= spill < d:
-        raise ValueError(f"spill must be in [0, {d}), got {spill}")
+    if not 0 <= spill < hidden:
+        raise ValueError(f"spill must be in [0, {hidden}), got {spill}")
     w_k64, w_v64 = w_k.double(), w_v.double()
-    u, sigma, _ = torch.linalg.svd(w_k64)
+    # W_K = U·diag(σ)·Vᵀ (thin: U [hidden, hidden], Vᵀ [hidden, d]). A wider W_K (Gemma-7B: 16 x 256 columns
+    # on a 3072 hidden state) of full rank still gives X = (K − b_K)·W_K⁺ exactly, W_K⁺ = V·diag(1/σ)·Uᵀ.
+    u, sigma, vh = torch.linalg.svd(w_k64, full_matrices=False)
     if sigma[-1] <= sigma[0] * torch.finfo(torch.float64).eps * d:
         raise SlimNotApplicable(
             f"W_K is singular (smallest singular value {sigma[-1].item():.3g}, "
             f"largest {sigma[0].item():.3g}): V cannot be rebuilt from K"
         )
-    u_weak = u[:, d - spill :]
+    u_weak = u[:, hidden - spill :]
     w_sv = u_weak.T @ w_v64
-    w_kv = torch.linalg.solve(w_k64, w_v64 - u_weak @ w_sv)
+    w_kv = vh.T @ ((u.T @ (w_v64 - u_weak @ w_sv)) / sigma[:, None])  # W_K⁺·(W_V − U_weak·W_SV)
     least_squares_x = torch.linalg.pinv(torch.cat((w_k64, w_v64), dim=1))  # [d + dv, hidden]
     as32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
     return SlimProjection(

@@ -4,7 +4,7 @@ The engine hands the backend K *after* RoPE; slim's V = K_raw·W_KV needs the
 raw (un-rotated) K, so cached K is rotated back by the same angles.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,12 +16,23 @@ class Rotary:
     cos_sin: [max_position, rotary_dim] float32, cos in the first half and sin
     in the second (vLLM's `cos_sin_cache` layout). neox=True rotates the two
     halves of the rotary slice against each other; False rotates interleaved
-    pairs (GPT-J). Dimensions past rotary_dim pass through (partial rotary).
+    pairs (GPT-J). Dimensions past rotary_dim pass through (partial rotary). Un-RoPE reads
+    `inverse_cos_sin`, which also removes a scaled table's magnitude.
     """
 
     cos_sin: torch.Tensor
     rotary_dim: int
     neox: bool
+    # The table that undoes the rotation exactly: (cos, sin) / (cos² + sin²), same layout. Scaled rotary
+    # embeddings multiply both by a magnitude (YaRN's and longrope's mscale), so rotating back by the same
+    # angles would leave every key times mscale²; a plain table divides by 1.
+    inverse_cos_sin: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        cos, sin = self.cos_sin.double().chunk(2, dim=-1)
+        norm = cos.square() + sin.square()
+        inverse = torch.cat((cos / norm, sin / norm), dim=-1)
+        object.__setattr__(self, "inverse_cos_sin", inverse.to(torch.promote_types(self.cos_sin.dtype, torch.float32)))
 
     def to(self, device) -> "Rotary":
         return Rotary(self.cos_sin.to(device), self.rotary_dim, self.neox)
@@ -32,7 +43,8 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, inverse: bo
     to it); `inverse` undoes it. Computes in float32 (float64 inputs stay float64), writing each half
     of every pair once into the result (no temporaries the size of x)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    table = rotary.cos_sin.index_select(0, positions.flatten()).view(*positions.shape, 1, -1).to(dtype)
+    table = rotary.inverse_cos_sin if inverse else rotary.cos_sin
+    table = table.index_select(0, positions.flatten()).view(*positions.shape, 1, -1).to(dtype)
     cos, sin = table.chunk(2, dim=-1)
     x = x.to(dtype)
     dim = rotary.rotary_dim
@@ -45,7 +57,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, inverse: bo
         pairs = (slice(0, dim, 2), slice(1, dim, 2))
     x1, x2 = x[..., pairs[0]], x[..., pairs[1]]
     out1, out2 = out[..., pairs[0]], out[..., pairs[1]]
-    sign = -1 if inverse else 1
+    sign = -1 if inverse else 1  # the inverse table's angles are the same: rotate the other way
     torch.mul(x1, cos, out=out1)
     out1.addcmul_(x2, sin, value=-sign)
     torch.mul(x2, cos, out=out2)

@@ -14,8 +14,8 @@ Two passes (`scores_kernel`, then `columns_kernel` reading P from a scratch): th
 statistics first, one program per (head, split, sequence), then the same column groups. K is read twice from
 HBM (the bytes stock reads for K and V), the scores once more through a small scratch.
 
-The un-RoPE is done in registers from the cos/sin table (NeoX or GPT-J pairs, partial rotary): a raw
-column is x·cos ± x'·sin, x' the stored value of its rotation partner. Each split writes its Z, spill
+The un-RoPE is done in registers from `Rotary.inverse_cos_sin` (NeoX or GPT-J pairs, partial rotary): a
+raw column is x·cos ± x'·sin, x' the stored value of its rotation partner. Each split writes its Z, spill
 Z, max and sum unnormalised; `triton_decode_rows` merges the splits by log-sum-exp, giving
 `decode.decode_rows`'s contract: normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R].
 
@@ -216,7 +216,7 @@ def triton_decode_rows(
     table, lens = block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
     q = q.contiguous()
     rotary_dim = 0 if rotary is None else rotary.rotary_dim
-    cos_sin = rotary.cos_sin.float().contiguous() if rotary is not None else maxes  # any float32 pointer
+    cos_sin = rotary.inverse_cos_sin if rotary is not None else maxes  # any float32 pointer
     stride_block, stride_head, stride_token, last = kv_cache.stride()
     if last != 1:
         raise ValueError("slim: the Triton decode reads cache rows with unit stride")

@@ -167,7 +167,7 @@ def triton_prefill_slim_attention(
     starts = query_start_loc.to(torch.int32).contiguous()
     rotary_dim = 0 if rotary is None else rotary.rotary_dim
     anything = proj.w_kv  # a float32 pointer for the arguments a launch never reads
-    cos_sin = anything if rotary is None else rotary.cos_sin.float().contiguous()
+    cos_sin = anything if rotary is None else rotary.inverse_cos_sin
     raw = torch.empty(num_sequences, length, heads * head_size + spill * heads, dtype=torch.float32, device=q.device)
     heads_pow2 = 1 << (heads - 1).bit_length()
     rows = max(RAW_ROWS, heads_pow2)

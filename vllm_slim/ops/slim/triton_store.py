@@ -2,7 +2,8 @@
 (`cache_rows` + `write_rows`) launches some twenty small kernels a layer a step.
 
 1. `raw_kernel`, one program per token (all heads in one tile): kv0 = [unrope(K) − b_K, V − b_V], float32
-   [T, d + dv], the rotation done in registers from the cos/sin table (NeoX or GPT-J pairs, partial rotary).
+   [T, d + dv], the rotation undone in registers by `Rotary.inverse_cos_sin` (NeoX or GPT-J pairs, partial
+   rotary).
    Skipped when the layout derives nothing (no spill, no refinement).
 2. torch: refined keys kv0 @ refine and spill kv0 @ spill_in (two matmuls on the maps as they are held).
 3. `row_kernel`, one program per token: each head's stored row — the refined key + b_K re-rotated, or the
@@ -146,7 +147,9 @@ def triton_store_rows(
     rotary_dim = 0 if rotary is None else rotary.rotary_dim
     neox = rotary is None or rotary.neox
     anything = proj.w_kv  # a float32 pointer for the arguments a launch never reads
+    # The raw keys are rotated back with the inverse table, the refined ones forward with the model's own.
     cos_sin = anything if rotary is None else rotary.cos_sin.float().contiguous()
+    inverse_cos_sin = anything if rotary is None else rotary.inverse_cos_sin
     # Not refining: the model's keys are stored as given (no rotation, no bias), no spill: none written.
     source, rerotated, k_bias, spill_rows = key, 0, None, anything
     if proj.spill or proj.refine is not None:
@@ -154,7 +157,7 @@ def triton_store_rows(
         value_size = value.shape[-1]
         kv0 = key.new_empty(tokens, heads * (head_size + value_size), dtype=torch.float32)
         raw_kernel[(tokens,)](
-            key, value, positions, cos_sin, proj.k_bias if proj.k_bias is not None else anything,
+            key, value, positions, inverse_cos_sin, proj.k_bias if proj.k_bias is not None else anything,
             proj.v_bias if proj.v_bias is not None else anything, kv0,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             H=heads, H_PAD=pad(heads), D=head_size, DV=value_size, DV_PAD=pad(value_size),
