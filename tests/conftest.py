@@ -107,8 +107,8 @@ class ServerPool:
 # --no-loadscope-reorder, so xdist hands files to its workers in this order and the long ones do not
 # queue up at the end on one worker while the other idles.
 SLOW_FILES_FIRST = (
-    "test_slim_server.py", "test_slim_bf16_server.py", "test_metrics_server.py", "test_sata_server.py",
-    "test_slim_refusals.py", "test_demo.py",
+    "test_slim_server.py", "test_slim_bf16_server.py", "test_sata_server.py", "test_metrics_server.py",
+    "test_slim_families.py", "test_slim_refusals.py", "test_demo.py",
 )
 
 

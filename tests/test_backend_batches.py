@@ -321,8 +321,9 @@ def test_attention_features_neither_backend_implements_are_refused_with_their_va
 
 # Slim's refusals decided as vLLM builds a layer, through a real Attention under the engine config a server
 # would build: (engine args, layer options, reason). tests/test_slim_refusals.py sends one of this kind
-# (GQA) and the bind-time ones through a real server.
+# (Whisper's encoder-decoder attention) and a bind-time one through a real server.
 SLIM_LAYER_REFUSALS = {
+    "gqa": ({}, {"kv_heads": 2}, "grouped-query attention (4 query heads, 2 KV heads)"),
     "mqa": ({}, {"kv_heads": 1}, "grouped-query attention (4 query heads, 1 KV heads)"),
     "sliding_window": ({}, {"per_layer_sliding_window": 64}, "sliding-window attention"),
     "fp8_kv_cache": ({"kv_cache_dtype": "fp8"}, {}, "KV-cache dtype 'fp8'"),

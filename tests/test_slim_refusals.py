@@ -8,15 +8,11 @@ from vllm_slim.fixtures.models import build_whisper
 SLIM = ("--dtype", "float32", "--attention-backend", "slim")
 SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}
 
-# One refusal of each kind through the real server: decided as vLLM builds the layers (GQA; the others of
-# this kind go through a real Attention layer in tests/test_backend_batches.py), and at bind time, from the
-# model's modules (QK-norm) and from its weights (the error budget).
+# One refusal of each kind through the real server: decided as vLLM builds the layers (Whisper's, below; GQA,
+# MQA and the others of this kind go through a real Attention layer in tests/test_backend_batches.py), and at
+# bind time (the error budget; the weights reader's own refusals, QK-norm and clip_qkv, are unit-tested on
+# the models' modules).
 CASES = {
-    "gqa": (
-        "llama", {"num_key_value_heads": 2}, (),
-        "grouped-query attention (4 query heads, 2 KV heads)",
-    ),
-    "qk_norm": ("qwen3", {}, (), "QK-norm (Qwen3Attention.q_norm)"),
     # a budget no layout meets (its floor, 1e-4, is under bfloat16's rounding): refused with the widest
     # spill the 1.8x capacity floor allows at head size 16, and the override named
     "over_budget": (
@@ -42,3 +38,19 @@ def test_encoder_decoder_refused(tmp_path, refused_startup):
     length = ("--max-model-len", "448", "--max-num-batched-tokens", "1500")
     log = refused_startup(build_whisper(tmp_path / "whisper"), *SLIM, *length)
     assert "attention type 'encoder_decoder' (slim serves decoder self-attention only" in log, log[-3000:]
+
+
+def test_qk_norm_refused_by_the_weights_reader(tmp_path):
+    """Qwen3 (MHA here) normalises each key: V is not a linear function of the cached K. Refused with the
+    module and norm named, from the model's own attention module, before its projections are read."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from vllm_slim.backends.weights import attention_weights
+    from vllm_slim.fixtures.models import build_model
+    from vllm_slim.ops.slim import SlimNotApplicable
+
+    model = AutoModelForCausalLM.from_pretrained(build_model("qwen3", tmp_path / "qwen3", **SMALL))
+    with pytest.raises(SlimNotApplicable, match=r"QK-norm \(Qwen3Attention.q_norm\) normalises each key"):
+        attention_weights(model, "model.layers.0.self_attn.attn", SimpleNamespace(num_heads=4, head_size=16))

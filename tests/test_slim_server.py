@@ -11,7 +11,8 @@ import pytest
 
 from vllm_slim.fixtures.models import transformers_greedy
 
-ARCHS = ["llama", "llama_bias", "gpt_neox", "gptj", "gpt2", "opt"]
+# Llama with q/k/v biases is not served here for time: the same bias rows serve Qwen1.5's and OPT's servers.
+ARCHS = ["llama", "gpt_neox", "gptj", "gpt2", "opt"]
 FLOAT32 = ("--dtype", "float32")
 SLIM = (*FLOAT32, "--attention-backend", "slim")
 # One architecture's slim server writes and decodes through the Triton kernels, under Triton's interpreter:
