@@ -56,7 +56,7 @@ def vllm_rope(name, monkeypatch):
 @pytest.mark.parametrize("name", list(SCALINGS))
 def test_unrope_inverts_vllms_rotary_embedding(name, monkeypatch):
     rope = vllm_rope(name, monkeypatch)
-    rotary, rotate_keys = _vllm_rotary(rope, "layer"), _model_rotation(rope)
+    rotary, rotate_keys = _vllm_rotary(rope, "layer", torch.device("cpu")), _model_rotation(rope)
     positions = torch.cat((torch.arange(8), torch.randint(0, rotary.cos_sin.shape[0], (56,))))
     keys = torch.randn(64, 3, HEAD_SIZE, dtype=torch.float64)
     by_model = rotate_keys(keys.float(), positions)
@@ -75,7 +75,7 @@ def test_binding_check_passes_scaled_rope(name, monkeypatch):
     """The start-up check on the model's own rotation at positions up to the end of the table: with the
     magnitude divided out the rebuilt V is at float32 rounding (YaRN 1.25 was off by 4.5 %)."""
     rope = vllm_rope(name, monkeypatch)
-    rotary, rotate_keys = _vllm_rotary(rope, "layer"), _model_rotation(rope)
+    rotary, rotate_keys = _vllm_rotary(rope, "layer", torch.device("cpu")), _model_rotation(rope)
     heads, hidden = 2, 2 * HEAD_SIZE
     g = torch.Generator().manual_seed(0)
     w_k, w_v = (torch.randn(hidden, hidden, generator=g) / math.sqrt(hidden) for _ in range(2))

@@ -94,17 +94,8 @@ def attention_weights(model: nn.Module, layer_name: str, attn: nn.Module) -> Att
     k_rows, v_rows = key_value_rows(heads, head_size, layout.per_head_interleaved)
     w_k, w_v = weight[k_rows], weight[v_rows]
     k_bias, v_bias = (None, None) if bias is None else (bias[k_rows], bias[v_rows])
-    rotary, rotate_keys = _rotary(model, parent, layer_name)
-    return AttentionWeights(
-        w_k=w_k.T,
-        w_v=w_v.T,
-        k_bias=k_bias,
-        v_bias=v_bias,
-        # process_weights_after_loading runs outside the loader's device context: the table is
-        # built on the CPU, and must live where the weights (and the cache) do.
-        rotary=rotary if rotary is None or rotary.cos_sin.device == w_k.device else rotary.to(w_k.device),
-        rotate_keys=rotate_keys,
-    )
+    rotary, rotate_keys = _rotary(model, parent, layer_name, w_k.device)
+    return AttentionWeights(w_k=w_k.T, w_v=w_v.T, k_bias=k_bias, v_bias=v_bias, rotary=rotary, rotate_keys=rotate_keys)
 
 
 def key_value_rows(heads: int, head_size: int, per_head_interleaved: bool):
@@ -128,18 +119,35 @@ def _projection(linear: nn.Module, layer_name: str) -> tuple[torch.Tensor, torch
     return weight.detach(), None if bias is None else bias.detach()
 
 
-def _rotary(model: nn.Module, parent: nn.Module, layer_name: str):
-    """The layer's RoPE as a float32 cos/sin table and as the model's own rotation of keys, or
-    (None, None) (learned/no positions)."""
+def _rotary(model: nn.Module, parent: nn.Module, layer_name: str, device: torch.device):
+    """The layer's RoPE as a float32 cos/sin table on `device` (the weights' and the cache's) and as the
+    model's own rotation of keys, or (None, None) (learned/no positions)."""
     rope = getattr(parent, "rotary_emb", None)
     if rope is not None:  # vLLM's rotary embeddings
-        if rope not in _ROTARIES:
-            _ROTARIES[rope] = _vllm_rotary(rope, layer_name)
-        return _ROTARIES[rope], _model_rotation(rope)
+        return _shared(rope, device, lambda: _vllm_rotary(rope, layer_name, device)), _model_rotation(rope)
     # Hugging Face models (Transformers backend) rotate with one model-level module.
     hf_rope = next((m for n, m in model.named_modules() if n.endswith("rotary_emb") and hasattr(m, "inv_freq")), None)
     if hf_rope is None:
         return None, None
+    # Not checked against the module's own code (its forward is the whole attention block).
+    return _shared(hf_rope, device, lambda: _hf_rotary(hf_rope, device)), None
+
+
+# One rotary module serves every layer of a model (vLLM's get_rope caches them; Hugging Face's is
+# model-level): one table (and its inverse) per module, not per layer (Phi-3-128k's is 50 MiB).
+_ROTARIES: "WeakKeyDictionary[nn.Module, Rotary]" = WeakKeyDictionary()
+
+
+def _shared(rope: nn.Module, device: torch.device, build: Callable[[], Rotary]) -> Rotary:
+    """`rope`'s Rotary on `device`, built once."""
+    rotary = _ROTARIES.get(rope)
+    if rotary is None or rotary.cos_sin.device != device:
+        rotary = _ROTARIES[rope] = build()
+    return rotary
+
+
+def _hf_rotary(hf_rope: nn.Module, device: torch.device) -> Rotary:
+    """The table a Hugging Face rotary module rotates with, float32, on `device`."""
     max_positions = getattr(hf_rope, "max_seq_len_cached", None) or getattr(
         getattr(hf_rope, "config", None), "max_position_embeddings"
     )
@@ -148,19 +156,13 @@ def _rotary(model: nn.Module, parent: nn.Module, layer_name: str):
     magnitude = float(getattr(hf_rope, "attention_scaling", 1.0))
     # Hugging Face's rotate_half pairs dimension i with i + rotary_dim/2: NeoX style.
     table = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * magnitude
-    # Not checked against the module's own code (its forward is the whole attention block).
-    return Rotary(table, 2 * freqs.shape[1], neox=True), None
+    return Rotary(table.to(device), 2 * freqs.shape[1], neox=True)
 
 
-# vLLM shares one rotary module between all layers of a model (get_rope caches them): one table (and
-# its inverse) per module, not per layer (Phi-3-128k's is 50 MiB).
-_ROTARIES: "WeakKeyDictionary[nn.Module, Rotary]" = WeakKeyDictionary()
-
-
-def _vllm_rotary(rope: nn.Module, layer_name: str) -> Rotary:
+def _vllm_rotary(rope: nn.Module, layer_name: str, device: torch.device) -> Rotary:
     """The table a vLLM rotary module rotates with, recomputed in float32 (the module keeps its own in the
-    model dtype) on the device of its parameters' buffers."""
-    device = next(rope.buffers()).device
+    model dtype), on `device` (process_weights_after_loading runs outside the loader's device context:
+    the table is computed on the CPU)."""
     if hasattr(rope, "long_short_cos_sin_cache"):
         # Phi-3's longrope: the short table then the long one; the module picks one for good at start-up
         # (max_model_len past original_max_position_embeddings: the long one). NeoX style only.
