@@ -222,3 +222,58 @@ def test_kv_heads_read_from_every_config_convention(tmp_path, config, heads, kv)
     expected = [] if kv == heads else [f"{kind} attention ({heads} query heads, {kv} KV heads): {GQA_REASON}"]
     assert model_reasons(shape)[0][:1] == expected
 
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda config: [config], "holds a JSON list, not an object"),
+    (lambda config: {**config, "num_attention_heads": "4"}, "num_attention_heads is '4', not a positive integer"),
+    (lambda config: {**config, "hidden_size": 0}, "hidden_size is 0, not a positive integer"),
+    (lambda config: {**config, "num_key_value_heads": 3}, "3 KV heads cannot serve 4 attention heads"),
+    (lambda config: {**config, "head_dim": 16.0}, "head_dim is 16.0, not a positive integer"),
+    (lambda config: {**config, "torch_dtype": ["bfloat16"]}, "unknown torch_dtype ['bfloat16']"),
+], ids=["list", "string-heads", "zero-hidden", "kv-heads", "float-head-dim", "dtype-list"])
+def test_a_config_it_cannot_read_is_one_line_naming_the_field(models, tmp_path, capsys, edit, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    config = json.loads((models("llama") / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(edit(config)))
+    (model / "model.safetensors").symlink_to(models("llama") / "model.safetensors")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(model)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unreadable_optional_fields_and_weights_are_said_not_raised(models, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    config = json.loads((models("llama") / "config.json").read_text())
+    config.update(rope_scaling="yarn", sliding_window="4096", quantization_config="gptq")
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").symlink_to(models("llama") / "model.safetensors")
+    output = inspect_output(capsys, model)
+    assert "RoPE scaling: unreadable ('yarn' is not an object)" in output
+    assert "an unreadable sliding_window ('4096', not a token count)" in output
+    assert "quantized weights (gptq)" in output
+    # A truncated checkpoint: the reader's own error, in one line.
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").write_bytes((models("llama") / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(model)])
+    assert exit_info.value.code == 2
+    assert f"vllm-slim inspect: could not read {model}: " in capsys.readouterr().err
+
+
+def test_a_window_shorter_than_the_context_is_served_by_slim_and_refused_by_sata(models, tmp_path, capsys):
+    """Phi-3-mini-4k's case (a 2,047 window, 4,096 positions), at the fixture's size: 48 of 2,048."""
+    model = tmp_path / "model"
+    model.mkdir()
+    config = json.loads((models("llama") / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "sliding_window": 48, "max_position_embeddings": 2048}))
+    (model / "model.safetensors").symlink_to(models("llama") / "model.safetensors")
+    output = inspect_output(capsys, model, "--dtype", "float32")
+    assert "slim: applies" in output
+    assert "sata: not applicable (sliding-window attention (window 48, 2 of 2 layers: a SATA state cannot forget" in output
+    rows = [line.split() for line in output.splitlines() if "self_attn" in line]
+    assert len(rows) == 2 and all(row[1:3] == ["MHA,", "sliding"] for row in rows), rows

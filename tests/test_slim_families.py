@@ -41,6 +41,21 @@ def test_family_float32_greedy_equals_transformers(servers, models, prompts, fam
     assert slim.capacity_tokens() >= 1.95 * stock_capacity_tokens(slim, config)  # K alone: twice the tokens
 
 
+@pytest.mark.server
+def test_sliding_window_served_as_stock_serves_it_past_the_window(servers, models, prompts):
+    """Phi-3-mini-4k's real window (2,047 of 4,096 positions; here 24 of 2,048): every prompt decodes past it,
+    and the long one's chunked prefill straddles it while vLLM's sliding-window manager frees the pages that
+    fell out of it (the null block reads in their place). Against the stock backend's tokens and Hugging
+    Face's windowed model; its full-attention twin answers otherwise, so the window is in effect."""
+    model = models("phi3", dtype="float32", sliding_window=24)
+    slim = servers.get(model, *SLIM)
+    assert len(re.findall(r"slim: layer \S+ runs SLIM", slim.log())) == 2
+    prompt_ids, tokens = slim.greedy_completions(list(prompts))
+    assert tokens == servers.get(model, "--dtype", "float32").greedy_tokens(list(prompts))
+    assert tokens == transformers_greedy(model, prompt_ids, 32)
+    assert tokens != transformers_greedy(models("phi3", dtype="float32", sliding_window=None), prompt_ids, 32)
+
+
 def test_olmo_clip_qkv_refused_by_name(tmp_path):
     """OLMo-1.7 clamps q, k and v to ±clip_qkv: a clamped K no longer determines V. The backend's weight
     reader refuses the Hugging Face module by that name (before looking for its projections), and

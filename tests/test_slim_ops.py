@@ -135,6 +135,20 @@ def write_sequences(rows_per_seq, block_size, seed=0, padding=3, token_major=Fal
     return kv_cache, block_table
 
 
+def free_out_of_window(kv_cache, block_table, seq_lens, query_lens, window):
+    """What vLLM's sliding-window manager does to the block table: the pages wholly before the first query's
+    window (p − W < k ≤ p) are freed and another block stands in for them; here a spare block of NaN, which
+    must never reach an output (0·NaN is NaN). Changes the cache in place; returns the new table."""
+    used = set(block_table.flatten().tolist())
+    spare = next(b for b in range(1, kv_cache.shape[0]) if b not in used)
+    kv_cache[spare] = math.nan
+    device = block_table.device
+    first_seen = torch.as_tensor(seq_lens, device=device) - torch.as_tensor(query_lens, device=device) - window + 1
+    whole_pages = first_seen.div(kv_cache.shape[2], rounding_mode="floor")  # negative: none
+    freed = torch.arange(block_table.shape[1], device=device)[None, :] < whole_pages[:, None]
+    return block_table.masked_fill(freed, spare)
+
+
 ROPES = {
     "none": lambda d: None,
     # A scaled table: YaRN's and longrope's cos and sin carry a magnitude (mscale) that un-RoPE must divide out.
@@ -164,11 +178,16 @@ def sequence_case(heads, head_size, layer, rope, seq_lens, seed):
 
 @pytest.mark.parametrize("rope", list(ROPES))
 @pytest.mark.parametrize("layer", list(LAYERS))
-@pytest.mark.parametrize(
-    "block_size,split_pages,fused", [(4, None, False), (16, None, False), (4, 1, False), (4, 3, False), (4, None, True), (16, None, True)]
-)
+@pytest.mark.parametrize("block_size,split_pages,fused,window", [
+    (4, None, False, None), (16, None, False, None), (4, 1, False, None), (4, 3, False, None), (4, None, True, None),
+    (16, None, True, None),
+    # Sliding windows: shorter than a page, splits wholly before the window; across pages and split boundaries;
+    # the C loop's; longer than every sequence (as none).
+    (4, 1, False, 3), (4, 3, False, 9), (16, None, False, 20), (4, None, True, 3), (16, None, True, 20),
+    (4, 3, False, 64),
+])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_paged_decode_matches_naive(rope, layer, block_size, split_pages, fused, cache_dtype):
+def test_paged_decode_matches_naive(rope, layer, block_size, split_pages, fused, window, cache_dtype):
     heads, head_size = 4, 16
     seq_lens = [1, 5, 16, 17, 40, 64, 3]  # n = 1, page boundaries, ragged
     proj, rotary, rows = sequence_case(heads, head_size, layer, rope, seq_lens, seed=block_size)
@@ -179,13 +198,17 @@ def test_paged_decode_matches_naive(rope, layer, block_size, split_pages, fused,
     q_pad = torch.cat((q, torch.randn(1, heads, head_size)))
     table = torch.cat((block_table, torch.zeros(1, block_table.shape[1], dtype=block_table.dtype)))
     lens = torch.tensor([*seq_lens, 0])
+    if window:  # some sequences shorter than the window, some longer
+        table = free_out_of_window(kv_cache, table, lens, 1, window)
     num_pages = math.ceil(max(seq_lens) / block_size)
     # split_pages: the working set a split at a time (one page; splits past some sequences' ends)
     # fused: the C loop over the pages in place (the CPU's default form)
-    got = paged_decode_slim_attention(q_pad, kv_cache, table, lens, num_pages, proj, rotary, 0.25, split_pages, fused)
+    got = paged_decode_slim_attention(
+        q_pad, kv_cache, table, lens, num_pages, proj, rotary, 0.25, split_pages, fused, window=window
+    )
     assert torch.isfinite(got).all()
     for i, n in enumerate(seq_lens):
-        ref = naive_slim_attention(q[i : i + 1], rows[i], proj, rotary, 0.25)
+        ref = naive_slim_attention(q[i : i + 1], rows[i], proj, rotary, 0.25, window)
         torch.testing.assert_close(got[i : i + 1], ref, rtol=1e-4, atol=1e-4)
 
 
@@ -254,7 +277,8 @@ def test_fused_loops_with_heads_not_a_whole_register_block(rope):
 
 @pytest.mark.parametrize("rope", list(ROPES))
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_paged_prefill_matches_naive(rope, layer):
+@pytest.mark.parametrize("window", [None, 5, 12, 40])  # none, shorter than a page, across pages, longer than all
+def test_paged_prefill_matches_naive(rope, layer, window):
     heads, head_size, block_size = 4, 16, 8
     seq_lens = [7, 33, 16, 1, 24]
     query_lens = [7, 5, 16, 1, 9]  # whole prompts, chunks after a cached prefix, n = 1
@@ -262,21 +286,27 @@ def test_paged_prefill_matches_naive(rope, layer):
     if rotary is not None:  # a table as long as the longest sequence (33), short of its last page's end (40)
         rotary = Rotary(rotary.cos_sin[: max(seq_lens)], rotary.rotary_dim, rotary.neox)
     kv_cache, block_table = write_sequences(rows, block_size)
+    if window:  # a chunk's queries straddle their windows' starts
+        block_table = free_out_of_window(kv_cache, block_table, seq_lens, query_lens, window)
     q = torch.randn(sum(query_lens), heads, head_size)
     query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()])
     num_pages = math.ceil(max(seq_lens) / block_size)
     got = paged_prefill_slim_attention(
-        q, query_start_loc, torch.tensor(seq_lens), kv_cache, block_table, num_pages, 20, proj, rotary, 0.25
+        q, query_start_loc, torch.tensor(seq_lens), kv_cache, block_table, num_pages, 20, proj, rotary, 0.25,
+        window=window,
     )
+    assert torch.isfinite(got).all()
     for i in range(len(seq_lens)):
         span = slice(query_start_loc[i], query_start_loc[i + 1])
-        ref = naive_slim_attention(q[span], rows[i], proj, rotary, 0.25)
+        ref = naive_slim_attention(q[span], rows[i], proj, rotary, 0.25, window)
         torch.testing.assert_close(got[span], ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rope", ["neox", "gptj_partial"])
-def test_paged_forms_equal_float64_softmax_attention(rope):
-    """Independent of slim's maps: float64 causal softmax attention on V = X·W_V + b_V, K = rope(X·W_K + b_K)."""
+@pytest.mark.parametrize("window", [None, 7])
+def test_paged_forms_equal_float64_softmax_attention(rope, window):
+    """Independent of slim's maps: float64 causal softmax attention on V = X·W_V + b_V, K = rope(X·W_K + b_K),
+    within a band p − W < k ≤ p with a sliding window (its freed pages NaN)."""
     heads, head_size, block_size = 4, 16, 8
     d = heads * head_size
     w, b = make_weights(heads, head_size, bias=True, seed=11)
@@ -293,22 +323,25 @@ def test_paged_forms_equal_float64_softmax_attention(rope):
         q, k = rotate(q, positions, rotary64), rotate(k, positions, rotary64)
         rows.append(cache_rows(k.float(), v.float(), positions, proj, rotary32).float())
         scores = torch.einsum("qhd,khd->hqk", q[n - m :], k) * 0.25
-        causal = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]
-        references.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, -math.inf).softmax(-1), v))
+        distance = torch.arange(n - m, n)[:, None] - torch.arange(n)[None, :]
+        band = (distance >= 0) & (distance < (window or n))
+        references.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~band, -math.inf).softmax(-1), v))
         queries.append(q[n - m :].float())
     kv_cache, block_table = write_sequences(rows, block_size)
+    if window:
+        block_table = free_out_of_window(kv_cache, block_table, seq_lens, query_lens, window)
     num_pages = math.ceil(max(seq_lens) / block_size)
     decodes = [i for i, m in enumerate(query_lens) if m == 1]
     got = paged_decode_slim_attention(
         torch.cat([queries[i] for i in decodes]), kv_cache, block_table[decodes],
-        torch.tensor(seq_lens)[decodes], num_pages, proj, rotary32, 0.25,
+        torch.tensor(seq_lens)[decodes], num_pages, proj, rotary32, 0.25, window=window,
     )
     for row, i in enumerate(decodes):
         torch.testing.assert_close(got[row : row + 1].double(), references[i], rtol=1e-4, atol=1e-4)
     query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()])
     got = paged_prefill_slim_attention(
         torch.cat(queries), query_start_loc, torch.tensor(seq_lens), kv_cache, block_table, num_pages, 9,
-        proj, rotary32, 0.25,
+        proj, rotary32, 0.25, window,
     )
     torch.testing.assert_close(got.double(), torch.cat(references), rtol=1e-4, atol=1e-4)
 

@@ -1,8 +1,8 @@
 """Slim's Triton decode (`ops/slim/triton_decode.py`), the one pass and the two, against the torch form and
 the naive reference: on the CPU under Triton's interpreter at small shapes (ragged lengths, n = 1, page
 boundaries, several splits, a padded row, partial and interleaved rotary, spill 0 and > 0, padded head
-tiles, a head count not a power of two, several column groups), and, marked `gpu`, compiled on CUDA at
-Llama-7B's shape."""
+tiles, a head count not a power of two, several column groups, sliding windows whose freed pages hold NaN),
+and, marked `gpu`, compiled on CUDA at Llama-7B's shape."""
 
 import math
 
@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from batches import rope_table
-from test_slim_ops import ROPES, sequence_case, write_sequences
+from test_slim_ops import ROPES, free_out_of_window, sequence_case, write_sequences
 from vllm_slim.ops.slim import Rotary, naive_slim_attention, paged_decode_slim_attention
 from vllm_slim.ops.slim.decode import decode_rows
 from vllm_slim.ops.slim.triton_decode import triton_decode_rows
 
 
-def decode_case(heads, layer, rope, cache_dtype, seq_lens=(1, 17, 40), block_size=4, seed=2):
+def decode_case(heads, layer, rope, cache_dtype, seq_lens=(1, 17, 40), block_size=4, seed=2, window=None):
     """layer: a name in test_slim_ops.LAYERS (the rows that layer caches), or a spill width per head
-    (random rows, no layer: any head count)."""
+    (random rows, no layer: any head count); window: the pages a decode's window leaves freed (NaN)."""
     if isinstance(layer, int):
         g = torch.Generator().manual_seed(seed)
         proj, rotary, rows = None, ROPES[rope](16), [torch.randn(n, heads, 16 + layer, generator=g) for n in seq_lens]
@@ -30,60 +30,74 @@ def decode_case(heads, layer, rope, cache_dtype, seq_lens=(1, 17, 40), block_siz
     # A padded row (seq_len 0, the null block) rides along.
     table = torch.cat((block_table, torch.zeros(1, block_table.shape[1], dtype=block_table.dtype)))
     lens = torch.tensor([*seq_lens, 0])
+    if window:
+        table = free_out_of_window(kv_cache, table, lens, 1, window)
     return q, kv_cache, table, lens, math.ceil(max(seq_lens) / block_size), proj, rotary, rows
 
 
-@pytest.mark.parametrize("rope,layer,split_pages,heads", [  # every RoPE and layout, one split and several
-    ("neox", "refined_spill", None, 4), ("neox", "plain", 3, 4), ("gptj_partial", "refined_spill", 3, 4),
-    ("gptj_partial", 2, None, 3), ("none", "refined_spill", 3, 4),
+@pytest.mark.parametrize("rope,layer,split_pages,heads,window", [  # every RoPE and layout, one split and several
+    ("neox", "refined_spill", None, 4, None), ("neox", "plain", 3, 4, None),
+    ("gptj_partial", "refined_spill", 3, 4, None), ("gptj_partial", 2, None, 3, None),
+    ("none", "refined_spill", 3, 4, None),
+    # Sliding windows over sequences of 1, 17 and 40: 20 tokens, across the split boundary at 32 (splits of 4
+    # pages, one tile), the first split wholly before it at 40; 3, shorter than a page.
+    ("neox", "refined_spill", 4, 4, 20), ("gptj_partial", 2, None, 3, 3),
 ])
-def test_triton_decode_rows_equal_the_torch_form(rope, layer, split_pages, heads):
+def test_triton_decode_rows_equal_the_torch_form(rope, layer, split_pages, heads, window):
     """Both forms: the two passes with one column group of the padded heads, the one pass with groups of
     two key heads (the last one partly padding at 3 heads)."""
-    q, kv_cache, table, lens, pages, _, rotary, _ = decode_case(heads, layer, rope, torch.float16)
-    expected = decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, split_pages)
+    q, kv_cache, table, lens, pages, _, rotary, _ = decode_case(heads, layer, rope, torch.float16, window=window)
+    expected = decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, split_pages, window)
     for one_pass, group in ((False, None), (True, 2)):
-        got = triton_decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, split_pages, one_pass, group)
+        got = triton_decode_rows(
+            q, kv_cache, table, lens, pages, rotary, 0.25, split_pages, one_pass, group, window=window
+        )
         for g, e in zip(got, expected):
             assert torch.isfinite(g).all()
             torch.testing.assert_close(g[:-1], e[:-1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cache_dtype,one_pass", [(torch.float32, True), (torch.bfloat16, False)])
-def test_triton_decode_equals_the_naive_reference(monkeypatch, cache_dtype, one_pass):
+@pytest.mark.parametrize("cache_dtype,one_pass,window", [
+    (torch.float32, True, None), (torch.bfloat16, False, None), (torch.float16, True, 5), (torch.float32, False, 5)
+])
+def test_triton_decode_equals_the_naive_reference(monkeypatch, cache_dtype, one_pass, window):
     """The whole decode (Z, then the value map) through the fused form with VLLM_SLIM_TRITON=1 (each
     pass once; 33 tokens: two splits of two tiles), per sequence against `naive_slim_attention` on the rows
-    the cache holds (4 heads: the head tile is padded to 16 rows, which must add nothing)."""
+    the cache holds (4 heads: the head tile is padded to 16 rows, which must add nothing); a window of 5
+    (over two pages, and across the two splits' boundary at position 32; freed pages of NaN at 9 and 33)."""
     q, kv_cache, table, lens, pages, proj, rotary, rows = decode_case(
-        4, "refined_spill", "neox", cache_dtype, seq_lens=(1, 9, 33), seed=5
+        4, "refined_spill", "neox", cache_dtype, seq_lens=(1, 9, 33), seed=5, window=window
     )
     monkeypatch.setenv("VLLM_SLIM_TRITON", "1")
     got = paged_decode_slim_attention(
-        q, kv_cache, table, lens, pages, proj, rotary, 0.25, split_pages=5, one_pass=one_pass
+        q, kv_cache, table, lens, pages, proj, rotary, 0.25, split_pages=5, one_pass=one_pass, window=window
     )
     assert torch.isfinite(got).all()
     for i, row in enumerate(rows):
-        expected = naive_slim_attention(q[i : i + 1], row, proj, rotary, 0.25)
+        expected = naive_slim_attention(q[i : i + 1], row, proj, rotary, 0.25, window)
         torch.testing.assert_close(got[i : i + 1], expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("batch,context", [(1, 4096), (16, 4000)])
-def test_triton_decode_on_cuda_at_llama7b_shape(batch, context):
+@pytest.mark.parametrize("batch,context,window", [(1, 4096, None), (16, 4000, None), (16, 4000, 2047)])
+def test_triton_decode_on_cuda_at_llama7b_shape(batch, context, window):
     """Compiled (not interpreted), both forms: 32 heads x 128 (16 column groups), fp16 cache of block 16,
-    several splits, against the torch form in float32 on the same GPU."""
+    several splits, against the torch form in float32 on the same GPU; Phi-3-mini's window of 2,047 (its
+    freed pages NaN)."""
     heads, head_size, block_size = 32, 128, 16
     rotary = Rotary(rope_table(context + 1, head_size), head_size, True).to("cuda")
     pages = math.ceil(context / block_size)
     g = torch.Generator(device="cuda").manual_seed(0)
-    kv_cache = torch.randn(batch * pages + 1, heads, block_size, head_size + 2, generator=g, device="cuda").half()
+    kv_cache = torch.randn(batch * pages + 2, heads, block_size, head_size + 2, generator=g, device="cuda").half()
     table = (torch.randperm(batch * pages, device="cuda") + 1).view(batch, pages).int()
     lens = torch.full((batch,), context, device="cuda")
     lens[0] = 1
+    if window:
+        table = free_out_of_window(kv_cache, table, lens, 1, window)
     q = torch.randn(batch, heads, head_size, generator=g, device="cuda")
-    expected = decode_rows(q, kv_cache, table, lens, pages, rotary, head_size**-0.5, 64)
+    expected = decode_rows(q, kv_cache, table, lens, pages, rotary, head_size**-0.5, 64, window)
     for one_pass in (False, True):
-        got = triton_decode_rows(q, kv_cache, table, lens, pages, rotary, head_size**-0.5, 64, one_pass)
+        got = triton_decode_rows(q, kv_cache, table, lens, pages, rotary, head_size**-0.5, 64, one_pass, window=window)
         for gz, ez in zip(got, expected):
             torch.testing.assert_close(gz, ez, rtol=1e-4, atol=1e-4)

@@ -57,8 +57,10 @@ def run_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
     try:
         report = inspect_model(args.model_dir, args.dtype, args.kv_cache_dtype, args.additional_config)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError) as error:  # read_shape and Checkpoint name what they could not read
         parser.exit(2, f"vllm-slim inspect: {error}\n")
+    except Exception as error:  # a checkpoint no reader here understands: say so, never a traceback
+        parser.exit(2, f"vllm-slim inspect: could not read {args.model_dir}: {type(error).__name__}: {error}\n")
     print(format_report(report))
 
 

@@ -113,27 +113,41 @@ class InspectReport:
 
 
 def read_shape(model_dir: Path) -> ModelShape:
-    config = json.loads((model_dir / "config.json").read_text())
+    """The attention shape config.json gives; a ValueError naming the field for anything it cannot read."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
 
     def first(*names, default=None):  # GPT-2, GPT-J and OPT use their own names
-        return next((config[name] for name in names if config.get(name) is not None), default)
+        return next(((name, config[name]) for name in names if config.get(name) is not None), (names[0], default))
 
-    hidden = first("hidden_size", "n_embd", "d_model")
-    heads = first("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads")
-    layers = first("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
-    if None in (hidden, heads, layers):
-        raise ValueError(f"{model_dir / 'config.json'} names no hidden size, attention head count or layer count")
-    dtype_name = first("torch_dtype", "dtype", default="float32")
-    if dtype_name not in DTYPES:
-        raise ValueError(f"{model_dir / 'config.json'}: unknown dtype {dtype_name!r}")
+    def count(*names, default=None) -> int:
+        name, value = first(*names, default=default)
+        if value is None:
+            raise ValueError(f"{path} names no {' / '.join(names)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {name} is {value!r}, not a positive integer")
+        return value
+
+    hidden = count("hidden_size", "n_embd", "d_model")
+    heads = count("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads")
+    layers = count("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
+    name, dtype_name = first("torch_dtype", "dtype", default="float32")
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise ValueError(f"{path}: unknown {name} {dtype_name!r}")
+    kv = kv_heads(config, heads)
+    if isinstance(kv, bool) or not isinstance(kv, int) or not 1 <= kv <= heads or heads % kv:
+        raise ValueError(f"{path}: {kv!r} KV heads cannot serve {heads} attention heads")
+    architectures = config.get("architectures")
     return ModelShape(
-        architecture=(config.get("architectures") or ["?"])[0],
-        model_type=config.get("model_type", "?"),
+        architecture=str(architectures[0]) if isinstance(architectures, list) and architectures else "?",
+        model_type=str(config.get("model_type", "?")),
         num_layers=layers,
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=kv_heads(config, heads),
-        head_size=first("head_dim", default=hidden // heads),
+        num_kv_heads=kv,
+        head_size=count("head_dim", default=hidden // heads),
         dtype=DTYPES[dtype_name],
         config=config,
     )
@@ -231,7 +245,9 @@ def sliding_layers(shape: ModelShape) -> list[bool]:
     serve it as full attention (Phi-3-128k's 262,144)."""
     config = shape.config
     window, context = config.get("sliding_window"), config.get("max_position_embeddings")
-    if not window or (context and window >= context):
+    if not isinstance(window, int) or isinstance(window, bool):
+        window = None  # null, or unreadable: model_reasons says which
+    if not window or (isinstance(context, int) and window >= context):
         return [False] * shape.num_layers
     if isinstance(config.get("layer_types"), list):
         return [kind == "sliding_attention" for kind in config["layer_types"]]
@@ -241,6 +257,8 @@ def sliding_layers(shape: ModelShape) -> list[bool]:
 def rope_scaling(config: dict) -> str | None:
     """The RoPE scaling config.json asks for and whether slim inverts it, or None for plain RoPE / none."""
     parameters = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(parameters, dict):
+        return f"unreadable ({parameters!r} is not an object): the start-up check compares it with the model's own rotation"
     kind = parameters.get("rope_type") or parameters.get("type")
     if kind in (None, "default"):
         return None
@@ -263,11 +281,15 @@ def model_reasons(shape: ModelShape) -> tuple[list[str], list[str]]:
     config = shape.config
     both = []
     sliding = sliding_layers(shape)
-    if any(sliding):
-        window = config.get("sliding_window")
-        both.append(
-            f"sliding-window attention (window {window}, {sum(sliding)} of {len(sliding)} layers; "
-            f"served as full attention with --max-model-len {window} or less)"
+    window = config.get("sliding_window")
+    if window not in (None, False) and (window is True or not isinstance(window, int)):
+        both.append(f"an unreadable sliding_window ({window!r}, not a token count)")
+    sata = []
+    if any(sliding):  # slim masks the keys out of a query's window (the layer table marks its layers)
+        sata.append(
+            f"sliding-window attention (window {window}, {sum(sliding)} of {len(sliding)} layers: a SATA state "
+            f"cannot forget the tokens that leave the window; served as full attention with --max-model-len "
+            f"{window} or less)"
         )
     if config.get("attn_logit_softcapping"):
         both.append(f"logit soft-capping ({config['attn_logit_softcapping']})")
@@ -281,8 +303,9 @@ def model_reasons(shape: ModelShape) -> tuple[list[str], list[str]]:
         slim.append(f"clip_qkv ({config['clip_qkv']}) clamps q, k and v: a clamped K no longer determines V")
     quantization = config.get("quantization_config")
     if quantization:
-        slim.append(f"quantized weights ({quantization.get('quant_method', '?')}): W_K must be dense to solve W_KV")
-    return slim + both, both
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+        slim.append(f"quantized weights ({method}): W_K must be dense to solve W_KV")
+    return slim + both, sata + both
 
 
 def served_dtype(shape: ModelShape, dtype: str) -> tuple[torch.dtype, str]:

@@ -2,6 +2,7 @@
 a cache page that depends on the model they bind, and start-up errors that say what is unsupported
 and why."""
 
+import contextvars
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -14,7 +15,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 
 class DecoderAttentionBackend(AttentionBackend):
 
-    # Why the KV-cache dtypes this backend refuses are refused, and what sliding windows would need.
+    # Why the KV-cache dtypes this backend refuses are refused, and why sliding windows are (sata's).
     kv_cache_dtype_reason: ClassVar[str] = ""
     sliding_window_reason: ClassVar[str] = ""
 
@@ -57,12 +58,31 @@ class DecoderAttentionBackend(AttentionBackend):
         return [specific.get(reason, reason) for reason in super().validate_configuration(**config)]
 
 
+# Set while a bound layer's stock spec is built: vLLM sizes a sliding-window layer's block by calling the
+# backend's `customize_spec` on a stock-shaped spec inside that call, before `bind_cache_spec` pages it.
+_BUILDING_STOCK_SPEC = contextvars.ContextVar("building_stock_spec", default=False)
+
+
 def bind_cache_spec(layer: nn.Module, page: Callable[[AttentionSpec], KVCacheSpec]) -> None:
     """Have `layer` hand both model runners `page(its stock spec)` as its cache spec. What our backends
     page depends on the model (slim's layout, sata's state), which `customize_spec`, a class method
     given only the spec, cannot see; per-model facts live on the layer, never on the class."""
     stock = type(layer).get_kv_cache_spec.__get__(layer)
-    layer.get_kv_cache_spec = lambda vllm_config: page(stock(vllm_config))
+
+    def paged(vllm_config: VllmConfig) -> KVCacheSpec:
+        building = _BUILDING_STOCK_SPEC.set(True)
+        try:
+            spec = stock(vllm_config)
+        finally:
+            _BUILDING_STOCK_SPEC.reset(building)
+        return page(spec)
+
+    layer.get_kv_cache_spec = paged
+
+
+def building_stock_spec() -> bool:
+    """Whether `customize_spec` is sizing a bound layer's stock spec (see `bind_cache_spec`)."""
+    return _BUILDING_STOCK_SPEC.get()
 
 
 def host_max_seq_len(cam: CommonAttentionMetadata, first: int, end: int) -> int:

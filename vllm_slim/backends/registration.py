@@ -285,8 +285,9 @@ def _fit_config_to_backend(undo: list) -> None:
 
 def _drop_unreachable_window(vllm_config) -> None:
     """A sliding window at least max_model_len long never leaves a key out (a query at position p < max_model_len
-    sees p + 1 ≤ window keys): attention is full attention. Phi-3-128k's configs carry 262,144, which would
-    otherwise be refused as a sliding window; a window that can take effect still is, with its values."""
+    sees p + 1 ≤ window keys): attention is full attention. Phi-3-128k's configs carry 262,144: without this,
+    sata would refuse it and slim would page it as a sliding window for nothing. A window that can take effect
+    is served by slim and refused by sata, with its values."""
     cache_config, model_config = vllm_config.cache_config, vllm_config.model_config
     window, max_model_len = cache_config.sliding_window, model_config.max_model_len
     if window is None or window < max_model_len:

@@ -34,6 +34,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm_slim.backends.common import (
     DecoderAttentionBackend,
     bind_cache_spec,
+    building_stock_spec,
     host_max_seq_len,
     unsupported_features,
 )
@@ -59,11 +60,14 @@ class SlimAttentionBackend(DecoderAttentionBackend):
     kv_cache_dtype_reason = (
         "slim stores K in 16 bits or more: a quantized K's error reaches every value amplified by cond(W_K)"
     )
-    sliding_window_reason = "not implemented by slim"
 
     @staticmethod
     def get_name() -> str:
         return "SLIM"
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True  # keys out of a query's window are masked, and pages wholly out of it never read
 
     @staticmethod
     def get_impl_cls() -> type["SlimAttentionImpl"]:
@@ -77,7 +81,7 @@ class SlimAttentionBackend(DecoderAttentionBackend):
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         """The K-only page each bound layer already asked for (`SlimAttentionImpl.bind`): the layout
         belongs to the model, which this class method does not see."""
-        if spec.head_size_v >= spec.head_size:
+        if spec.head_size_v >= spec.head_size and not building_stock_spec():
             raise RuntimeError(
                 "slim: KV cache spec requested before the weights were bound "
                 "(the model loader hook did not run for this layer)"
@@ -166,8 +170,8 @@ class SlimAttentionImpl(AttentionImpl):
     ) -> None:
         vllm_config = get_current_vllm_config()
         _refuse_unsupported(
-            num_heads, num_kv_heads, sliding_window, alibi_slopes, logits_soft_cap,
-            kv_sharing_target_layer_name, extra_impl_args, vllm_config,
+            num_heads, num_kv_heads, alibi_slopes, logits_soft_cap, kv_sharing_target_layer_name, extra_impl_args,
+            vllm_config,
         )
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -178,6 +182,7 @@ class SlimAttentionImpl(AttentionImpl):
         self.cache_torch_dtype = kv_cache_dtype_str_to_dtype(kv_cache_dtype, vllm_config.model_config)
         self.model_dtype = vllm_config.model_config.dtype
         self.attn_type = attn_type
+        self.sliding_window = sliding_window  # vLLM's: a query at p sees keys p − W < k ≤ p
         self.policy = SlimPolicy.from_config((vllm_config.additional_config or {}).get("slim", {}))
         self.layer_name = ""
         self.layout: SlimLayout | None = None
@@ -234,12 +239,13 @@ class SlimAttentionImpl(AttentionImpl):
         if md.num_decodes:
             output[: md.num_decodes] = paged_decode_slim_attention(
                 query[: md.num_decodes], kv_cache, md.decode_block_table, md.decode_seq_lens, md.decode_pages,
-                proj, self.rotary, self.scale, md.decode_split_pages,
+                proj, self.rotary, self.scale, md.decode_split_pages, window=self.sliding_window,
             ).to(output.dtype)
         if md.num_prefills:
             output[md.num_decodes : md.num_tokens] = paged_prefill_slim_attention(
                 query[md.num_decodes : md.num_tokens], md.prefill_query_start_loc, md.prefill_seq_lens, kv_cache,
                 md.prefill_block_table, md.prefill_pages, md.prefill_max_query_len, proj, self.rotary, self.scale,
+                window=self.sliding_window,
             ).to(output.dtype)
         return output
 
@@ -258,8 +264,8 @@ def step_metadata(layer_name: str) -> SlimAttentionMetadata | None:
 
 
 def _refuse_unsupported(
-    num_heads, num_kv_heads, sliding_window, alibi_slopes, logits_soft_cap,
-    kv_sharing_target_layer_name, extra_impl_args, vllm_config: VllmConfig,
+    num_heads, num_kv_heads, alibi_slopes, logits_soft_cap, kv_sharing_target_layer_name, extra_impl_args,
+    vllm_config: VllmConfig,
 ) -> None:
     """Start-up errors for models slim cannot serve exactly; never a silent fallback."""
     reasons = []
@@ -268,8 +274,6 @@ def _refuse_unsupported(
             f"grouped-query attention ({num_heads} query heads, {num_kv_heads} KV heads): "
             "K has fewer columns than the hidden state, so V is not a function of K"
         )
-    if sliding_window is not None:
-        reasons.append(f"sliding-window attention (window {sliding_window})")
     reasons += unsupported_features(
         alibi_slopes, logits_soft_cap, kv_sharing_target_layer_name, extra_impl_args, vllm_config,
         "every head's V needs every head's K, which a head-sharded rank does not hold (use TP=1)",

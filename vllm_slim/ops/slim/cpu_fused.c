@@ -6,7 +6,8 @@
  * converted to the cache's dtype and written at its slot (slot -1, padding, is skipped). The products
  * are split over slabs of the maps' columns as well as over tokens (see `product`).
  *
- * Decode (`slim_decode`): for each sequence, a tile of tokens at a time: scores s[h][l] = scale *
+ * Decode (`slim_decode`): for each sequence, a tile of tokens at a time from the first one its sliding
+ * window holds (0 without a window: the pages before it are never read): scores s[h][l] = scale *
  * q_h . k_h,l from the post-RoPE keys, each row un-rotated once (the RoPE of position l undone for
  * every head), then, on the running softmax statistics (online softmax), z[h] += w[h][l] * k_raw,l
  * (the whole H*D row) and zs[h] += w[h][l] * spill_l. Outputs are normalised: z [B, H, H*D] =
@@ -335,15 +336,15 @@ int slim_store(void *cache, int cache_dtype, int64_t stride_block, int64_t strid
 /* ---- decode ---- */
 
 static void decode_one(const void *cache, int dtype, int64_t stride_block, int64_t stride_head, int64_t stride_token,
-                       const int32_t *blocks, int n, const float *qb, const float *uncos_sin, int rotary_dim, int neox,
-                       int H, int D, int R, int block_size, float scale, float *scratch, float *tile, float *weights,
-                       float *acc, float *z, float *zs) {
+                       const int32_t *blocks, int first, int n, const float *qb, const float *uncos_sin, int rotary_dim,
+                       int neox, int H, int D, int R, int block_size, float scale, float *scratch, float *tile,
+                       float *weights, float *acc, float *z, float *zs) {
     const int HD = H * D, HR = H * R, Hp = round_up(H, HT), W = HD + HR;
     float peak[256], total[256]; /* running max and sum per head, H <= 256 */
     for (int h = 0; h < H; h++) peak[h] = -INFINITY, total[h] = 0.0f;
     memset(acc, 0, sizeof(float) * Hp * W);
-    /* One pass, a tile of tokens at a time (online softmax): each row is read once. */
-    for (int l0 = 0; l0 < n; l0 += TILE) {
+    /* One pass over positions first..n-1, a tile of tokens at a time (online softmax): each row is read once. */
+    for (int l0 = first; l0 < n; l0 += TILE) {
         const int t = n - l0 < TILE ? n - l0 : TILE;
         /* Head by head: a head's rows of the tile are contiguous in its page. */
         for (int h = 0; h < H; h++)
@@ -378,11 +379,12 @@ static void decode_one(const void *cache, int dtype, int64_t stride_block, int64
 }
 
 /* All sequences, split across the OpenMP threads torch runs with (built with -fopenmp, this library
- * shares the libgomp torch already loaded, so its threads are torch's own, not a second pool). */
+ * shares the libgomp torch already loaded, so its threads are torch's own, not a second pool). window: each
+ * query sees its own and the window - 1 keys before it (vLLM's sliding window), 0: every key. */
 int slim_decode(const void *cache, int dtype, int64_t stride_block, int64_t stride_head, int64_t stride_token,
                 const int32_t *block_table, int64_t table_stride, const int32_t *seq_lens,
                 const float *q, const float *uncos_sin, int rotary_dim, int neox,
-                int batch, int H, int D, int R, int block_size, float scale,
+                int batch, int H, int D, int R, int block_size, float scale, int window,
                 float *z, float *zs) {
     const int Hp = round_up(H, HT), W = H * (D + R);
     int status = 0;
@@ -398,9 +400,10 @@ int slim_decode(const void *cache, int dtype, int64_t stride_block, int64_t stri
         for (int b = 0; b < batch; b++) {
             if (status) continue;
             const int n = seq_lens[b] > 0 ? seq_lens[b] : 1; /* padding rows: any finite answer */
+            const int first = window > 0 && n > window ? n - window : 0;
             decode_one(cache, dtype, stride_block, stride_head, stride_token, block_table + (int64_t)b * table_stride,
-                       n, q + (int64_t)b * H * D, uncos_sin, rotary_dim, neox, H, D, R, block_size, scale, scratch,
-                       tile, weights, acc, z + (int64_t)b * H * H * D, zs + (int64_t)b * H * H * R);
+                       first, n, q + (int64_t)b * H * D, uncos_sin, rotary_dim, neox, H, D, R, block_size, scale,
+                       scratch, tile, weights, acc, z + (int64_t)b * H * H * D, zs + (int64_t)b * H * H * R);
         }
         free(scratch);
         free(tile);

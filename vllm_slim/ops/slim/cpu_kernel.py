@@ -75,9 +75,10 @@ def fused_decode_rows(
     seq_lens: torch.Tensor,
     rotary: Rotary | None,
     scale: float,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R] for one query per sequence
-    (the contract of `decode.decode_rows`), by the fused C loop."""
+    (the contract of `decode.decode_rows`, a sliding window of `window` keys included), by the fused C loop."""
     lib = library(SOURCE)
     batch, heads, head_size = q.shape
     spill = kv_cache.shape[-1] - head_size
@@ -92,7 +93,7 @@ def fused_decode_rows(
         pointer(kv_cache), DTYPES[kv_cache.dtype], ctypes.c_int64(stride_block), ctypes.c_int64(stride_head),
         ctypes.c_int64(stride_token), pointer(table), ctypes.c_int64(table.stride(0)), pointer(lens), pointer(q),
         pointer(inverse_cos_sin), rotary_dim, neox, batch, heads, head_size, spill, kv_cache.shape[2],
-        ctypes.c_float(scale), pointer(z), pointer(z_spill),
+        ctypes.c_float(scale), window or 0, pointer(z), pointer(z_spill),
     )
     if failed:
         raise MemoryError("slim: the fused CPU decode could not allocate its row buffers")

@@ -42,6 +42,7 @@ def paged_decode_slim_attention(
     split_pages: int | None = None,
     fused: bool | None = None,
     one_pass: bool = False,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its cached rows (the query's own row included).
 
@@ -50,7 +51,9 @@ def paged_decode_slim_attention(
     its output is finite and meaningless); split_pages: pages per split of the torch and Triton forms
     (default: all in one); fused: the device's fused form (default: on CUDA, and on the CPU where the C
     loop can run); one_pass: the Triton form's kernel that reads K once, else its two passes (the
-    default until a GPU has timed both: `triton_decode`'s docstring says why the one pass may lose).
+    default until a GPU has timed both: `triton_decode`'s docstring says why the one pass may lose);
+    window: a sliding window of that many keys (`visible`; None: all): what the pages wholly before it
+    hold (vLLM's null block, once freed) never reaches the output, and the fused forms skip them.
     Returns [B, H, Dv] float32. The torch and Triton forms do no host sync.
     """
     triton = uses_triton(kv_cache.device)
@@ -60,12 +63,12 @@ def paged_decode_slim_attention(
         from vllm_slim.ops.slim.triton_decode import triton_decode_rows  # imports triton: only when used
 
         z, z_spill = triton_decode_rows(
-            q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages, one_pass
+            q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages, one_pass, window=window
         )
     elif fused:
-        z, z_spill = cpu_kernel.fused_decode_rows(q, kv_cache, block_table, seq_lens, rotary, scale)
+        z, z_spill = cpu_kernel.fused_decode_rows(q, kv_cache, block_table, seq_lens, rotary, scale, window)
     else:
-        z, z_spill = decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages)
+        z, z_spill = decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages, window)
     # Σ_l P_l·(K_raw,l − b_K) = Z − b_K, since each row of P sums to 1.
     if proj.k_bias is not None:
         z = z - proj.k_bias
@@ -85,28 +88,40 @@ def per_head_product(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z.transpose(0, 1), per_head).transpose(0, 1)
 
 
-def decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages=None):
-    """Normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R] (torch form, by splits)."""
+def visible(positions: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Whether a query sees a key, for key and query positions that broadcast: the earlier keys and its
+    own, and with a window only the last `window` of them (vLLM's sliding window: p - window < k <= p)."""
+    seen = positions <= query_positions
+    return seen if window is None else seen & (positions > query_positions - window)
+
+
+def decode_rows(q, kv_cache, block_table, seq_lens, num_pages, rotary, scale, split_pages=None, window=None):
+    """Normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R] (torch form, by splits) over the
+    keys `visible` to each sequence's query."""
     split_pages = max(1, split_pages or num_pages)
-    # Position 0 always counts, so every row (padding too) has a finite softmax.
+    # The query's own position always counts, so every row (padding too: position 0) has a finite softmax.
     seq_lens = seq_lens.clamp_min(1)
     splits = [
-        _decode_split(q, kv_cache, block_table[:, first : first + split_pages], seq_lens, first, rotary, scale)
+        _decode_split(q, kv_cache, block_table[:, first : first + split_pages], seq_lens, first, rotary, scale, window)
         for first in range(0, max(num_pages, 1), split_pages)
     ]
     return merge_splits(splits)
 
 
-def _decode_split(q, kv_cache, block_table, seq_lens, first_page, rotary, scale):
+def _decode_split(q, kv_cache, block_table, seq_lens, first_page, rotary, scale, window):
     """One split's unnormalised Z [B, H, d] and spill Z [B, H, r], with its softmax max and sum [B, H]."""
     head_size, block_size = q.shape[-1], kv_cache.shape[2]
     num_pages = block_table.shape[1]
-    rows = read_rows(kv_cache, block_table, num_pages).flatten(1, 2)  # [B, L, H, C]
-    keys = rows[..., :head_size].float()
     positions = page_positions(num_pages, block_size, q.device).flatten() + first_page * block_size
+    seen = visible(positions, seq_lens[:, None] - 1, window)  # [B, L]
+    rows = read_rows(kv_cache, block_table, num_pages).flatten(1, 2)  # [B, L, H, C], a gathered copy
+    # Rows out of sight are zeroed, not only masked out of the softmax: a window's freed pages are the null
+    # block, whatever it holds, and a weight of 0 times NaN is NaN.
+    rows.masked_fill_(~seen[..., None, None], 0)
+    keys = rows[..., :head_size].float()
     scores = torch.einsum("bhd,blhd->bhl", q.float(), keys) * scale
-    scores = scores.masked_fill(positions >= seq_lens[:, None, None], float("-inf"))
-    peak = scores.amax(-1)  # −inf for a split past a sequence's end
+    scores = scores.masked_fill(~seen[:, None], float("-inf"))
+    peak = scores.amax(-1)  # −inf for a split past a sequence's end or before its window
     weights = (scores - peak.where(peak.isfinite(), 0.0)[..., None]).exp()
     z = torch.bmm(weights, unrope(keys, positions, rotary).flatten(-2))
     z_spill = torch.bmm(weights, rows[..., head_size:].float().flatten(-2))
@@ -114,8 +129,8 @@ def _decode_split(q, kv_cache, block_table, seq_lens, first_page, rotary, scale)
 
 
 def merge_splits(splits):
-    """Normalised Z and spill Z from per-split partials: each rescaled to the largest max (finite: the
-    first split holds position 0), summed."""
+    """Normalised Z and spill Z from per-split partials: each rescaled to the largest max (finite: one
+    split holds the query's own position), summed."""
     if len(splits) == 1:
         z, z_spill, _, total = splits[0]
         return z / total[..., None], z_spill / total[..., None]

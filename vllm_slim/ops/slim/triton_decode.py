@@ -18,10 +18,13 @@ The un-RoPE is done in registers from `Rotary.inverse_cos_sin` (NeoX or GPT-J pa
 raw column is x·cos ± x'·sin, x' the stored value of its rotation partner. Each split writes its Z, spill
 Z, max and sum unnormalised; `triton_decode_rows` merges the splits by log-sum-exp, giving
 `decode.decode_rows`'s contract: normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R].
+With a sliding window a sequence's tiles start at the one holding its window's first key: the pages before
+it (vLLM's null block once freed) are never read, and the splits wholly before it end at once.
 
 On CUDA these kernels are slim's decode; without CUDA they run under Triton's interpreter, for tests
 (`ops/triton_build.py`). No host sync: the launch sizes come from host numbers the metadata already
-holds (pages, split length); a sequence's tiles stop at its length, read on the device.
+holds (pages, split length, window); a sequence's tiles start at its window and stop at its length, read on
+the device.
 """
 
 import torch
@@ -37,6 +40,7 @@ from vllm_slim.ops.triton_build import add, check_device, kernel_definitions, la
 TILE_TOKENS = 16  # tokens per tile: tl.dot's least
 GROUP_COLUMNS = 256  # key-head columns a program accumulates: group = 256 // D_PAD, 2 at D = 128
 NUM_WARPS = 8
+NO_WINDOW = 1 << 30  # the window of a layer without one: more keys than any sequence holds
 
 
 with kernel_definitions():
@@ -46,6 +50,22 @@ with kernel_definitions():
         """Each token's cache offset (int64, head 0): its page from the block table, its slot in the page."""
         block = tl.load(table_ptr + b * table_stride + lane // BLOCK_SIZE, mask=valid, other=0)
         return block.to(tl.int64) * stride_block + (lane % BLOCK_SIZE) * stride_token
+
+    @triton.jit
+    def window_start(position, window):
+        """The first key a query at `position` sees under a sliding window of `window` keys (its own included)."""
+        return tl.maximum(position - window + 1, 0)
+
+    @triton.jit
+    def split_span(lens_ptr, b, s, split_len, window, TILE: tl.constexpr):
+        """Sequence b's length n (a padded row's 0 read as 1: it attends position 0, finite), its window's
+        first position lo, and the tiles of split s that hold keys in [lo, n): from `start` (TILE-aligned, as
+        the two passes' tiles must be) to `end`. A split past the sequence or before its window has none; any
+        other tile holds at least one such key (the columns pass takes P = exp(score − max), NaN where a
+        split's max stayed −inf)."""
+        n = tl.maximum(tl.load(lens_ptr + b), 1)
+        lo = window_start(n - 1, window)
+        return n, lo, tl.maximum(s * split_len, lo // TILE * TILE), tl.minimum((s + 1) * split_len, n)
 
     @triton.jit
     def head_scores(
@@ -85,18 +105,18 @@ with kernel_definitions():
     @triton.jit
     def scores_kernel(
         q_ptr, cache_ptr, table_ptr, lens_ptr, scores_ptr, max_ptr, sum_ptr,
-        stride_block, stride_head, stride_token, table_stride, scale, split_len, num_splits, max_len,
+        stride_block, stride_head, stride_token, table_stride, scale, split_len, num_splits, window, max_len,
         H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     ):
         h, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n = tl.maximum(tl.load(lens_ptr + b), 1)  # a padded row (0) attends position 0: finite
+        n, lo, start, end = split_span(lens_ptr, b, s, split_len, window, TILE)
         row = (b * H + h).to(tl.int64)
         one = tl.arange(0, 1)  # the head's statistics as [1] rows, for `softmax_step`
         peak = tl.full((1,), float("-inf"), tl.float32)
         total = tl.full((1,), 0.0, tl.float32)
-        for l0 in range(s * split_len, tl.minimum((s + 1) * split_len, n), TILE):
+        for l0 in range(start, end, TILE):
             lane = l0 + tl.arange(0, TILE)
-            valid = lane < n
+            valid = (lane >= lo) & (lane < n)
             at = tile_rows(table_ptr, b, table_stride, lane, valid, stride_block, stride_token, BLOCK_SIZE)
             score = head_scores(q_ptr, cache_ptr, at, valid, b, h, scale, stride_head, H, D, D_PAD)
             tl.store(scores_ptr + row * max_len + lane, score)
@@ -107,13 +127,13 @@ with kernel_definitions():
     @triton.jit
     def columns_kernel(
         q_ptr, cache_ptr, table_ptr, lens_ptr, cos_sin_ptr, scores_ptr, max_ptr, sum_ptr, z_ptr, zs_ptr,
-        stride_block, stride_head, stride_token, table_stride, scale, split_len, num_splits, max_len,
+        stride_block, stride_head, stride_token, table_stride, scale, split_len, num_splits, window, max_len,
         H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr,
         R_PAD: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr, GROUP: tl.constexpr, ONE_PASS: tl.constexpr,
     ):
         gc, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n = tl.maximum(tl.load(lens_ptr + b), 1)
+        n, lo, start, end = split_span(lens_ptr, b, s, split_len, window, TILE)
         heads = tl.arange(0, H_PAD)
         live = heads < H
         rows = (b * H + heads).to(tl.int64)
@@ -140,9 +160,9 @@ with kernel_definitions():
         spill_kept = (spill_key < H) & (r < R)
         acc = tl.full((H_PAD, GROUP * D_PAD), 0.0, tl.float32)
         acc_spill = tl.full((H_PAD, GROUP * R_PAD), 0.0, tl.float32)
-        for l0 in range(s * split_len, tl.minimum((s + 1) * split_len, n), TILE):
+        for l0 in range(start, end, TILE):
             lane = l0 + tl.arange(0, TILE)
-            valid = lane < n
+            valid = (lane >= lo) & (lane < n)
             at = tile_rows(table_ptr, b, table_stride, lane, valid, stride_block, stride_token, BLOCK_SIZE)
             if ONE_PASS:
                 score = tile_scores(q_ptr, cache_ptr, at, valid, b, scale, stride_head, H, H_PAD, D, D_PAD, TILE)
@@ -189,11 +209,13 @@ def triton_decode_rows(
     split_pages: int | None = None,
     one_pass: bool = False,
     group: int | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised Z [B, H, H·D] and spill Z [B, H, H·R] (`decode.decode_rows`'s contract). split_pages:
     at most this many pages per split (default: no bound; sequences are split further where the batch
     alone would not fill the GPU: `occupancy_splits`); one_pass: K read once, else the two passes;
-    group: key heads per column group, a power of two (default: GROUP_COLUMNS' worth)."""
+    group: key heads per column group, a power of two (default: GROUP_COLUMNS' worth); window: a sliding
+    window of that many keys (None: all)."""
     batch, heads, head_size = q.shape
     spill = kv_cache.shape[-1] - head_size
     block_size = kv_cache.shape[2]
@@ -221,7 +243,7 @@ def triton_decode_rows(
     if last != 1:
         raise ValueError("slim: the Triton decode reads cache rows with unit stride")
     check_device(device, "slim: the Triton decode")
-    walk = (stride_block, stride_head, stride_token, table.stride(0), scale, split_len, num_splits)
+    walk = (stride_block, stride_head, stride_token, table.stride(0), scale, split_len, num_splits, window or NO_WINDOW)
     shape = dict(H=heads, D=head_size, D_PAD=pad(head_size), BLOCK_SIZE=block_size, TILE=tile)
     scores, max_len = maxes, 0  # the one pass keeps no scores
     if not one_pass:
@@ -235,8 +257,9 @@ def triton_decode_rows(
         H_PAD=pad(heads), R=spill, R_PAD=pad(spill), ROT=rotary_dim, NEOX=rotary is None or rotary.neox, GROUP=group,
         ONE_PASS=one_pass, num_warps=NUM_WARPS,
     )
-    # Each split's partials are taken against its own max: rescale to the largest (finite: the first
-    # split holds position 0; a split past a sequence's end has max −inf, sum 0, Z 0), add, normalise.
+    # Each split's partials are taken against its own max: rescale to the largest (finite: one split holds
+    # the query's own position; a split past a sequence's end or before its window has max −inf, sum 0,
+    # Z 0), add, normalise.
     peak = maxes.amax(-1, keepdim=True)
     factor = (maxes - peak).exp()
     total = (sums * factor).sum(-1)[..., None]

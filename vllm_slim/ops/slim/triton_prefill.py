@@ -3,14 +3,16 @@
 1. `raw_kernel`, one program per (RAW_ROWS rows of (position, head), sequence): each row read from the cache
    through the block table, the key un-RoPE'd in registers from the cos/sin table (NeoX or GPT-J pairs,
    partial rotary; the halves loaded and stored by `triton_store`'s helpers) minus b_K, the spill beside it:
-   float32 [P, L, H·D + r], L = num_pages·block_size. Past a sequence's length nothing is read (the row is
-   −b_K: finite, and the attention never loads it).
+   float32 [P, L, H·D + r], L = num_pages·block_size. Past a sequence's length, and before its first query's
+   sliding window, nothing is read (the row is −b_K: finite, and the attention never loads it).
 2. torch: V = K0·W_KV + S·W_SV + b_V, two products on cuBLAS, stored in the query's (the model's) dtype as
    [P, L, H, Dv]: the stock cache holds V in that dtype, rounding to it is stock's own error.
 3. `attention_kernel`, flash attention: one program per (query block of BLOCK_M queries, head, sequence), the
    Q block loaded once; key tiles of BLOCK_N positions up to the causal limit of the block's last query
-   (query i of a sequence sits at seq_len − query_len + i), K as stored (post-RoPE) through the block table,
-   scores on tl.dot, causal mask, online softmax, P·V from the dense V buffer; writes [T, H, Dv] float32.
+   (query i of a sequence sits at seq_len − query_len + i), from the first key its first query's sliding window
+   holds (0 without one: the pages before it, vLLM's null block once freed, are never read), K as stored
+   (post-RoPE) through the block table, scores on tl.dot, causal and window mask, online softmax, P·V from the
+   dense V buffer; writes [T, H, Dv] float32.
 
 Why V is rebuilt once per step and not per (query block, key tile) inside the attention kernel: one head's V
 row needs the token's whole key row, H·D·Dv multiply-adds a token for each query block, where that block's
@@ -36,7 +38,7 @@ import triton.language as tl
 
 from vllm_slim.ops.slim.projection import SlimProjection
 from vllm_slim.ops.slim.rope import Rotary
-from vllm_slim.ops.slim.triton_decode import softmax_step, tile_rows
+from vllm_slim.ops.slim.triton_decode import NO_WINDOW, softmax_step, tile_rows, window_start
 from vllm_slim.ops.slim.triton_store import load_key, rotation_constants, row_angles, store_key
 from vllm_slim.ops.triton_build import INTERPRETED, check_device, kernel_definitions, pad
 
@@ -50,8 +52,8 @@ with kernel_definitions():
 
     @triton.jit
     def raw_kernel(
-        cache_ptr, table_ptr, lens_ptr, cos_sin_ptr, k_bias_ptr, raw_ptr,
-        stride_block, stride_head, stride_token, table_stride, length,
+        cache_ptr, table_ptr, lens_ptr, starts_ptr, cos_sin_ptr, k_bias_ptr, raw_ptr,
+        stride_block, stride_head, stride_token, table_stride, length, window,
         H: tl.constexpr, HEADS_POW2: tl.constexpr, D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
         ROT: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, NEOX: tl.constexpr,
         K_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
@@ -61,10 +63,13 @@ with kernel_definitions():
         n = tl.arange(0, ROWS)
         lane, head = t * (ROWS // HEADS_POW2) + n // HEADS_POW2, n % HEADS_POW2
         inside = ((lane < length) & (head < H))[:, None]
-        valid = (lane < tl.load(lens_ptr + b)) & (head < H)
+        seq_len = tl.load(lens_ptr + b)
+        lo = window_start(seq_len - (tl.load(starts_ptr + b + 1) - tl.load(starts_ptr + b)), window)
+        valid = (lane >= lo) & (lane < seq_len) & (head < H)
         at = tile_rows(table_ptr, b, table_stride, lane, valid, stride_block, stride_token, BLOCK_SIZE)
         rows = cache_ptr + (at + head * stride_head)[:, None]
-        # Past the sequence nothing is read (position 0's angles: the table may end before the last page).
+        # Before every query's window and past the sequence nothing is read (position 0's angles: the table may end
+        # before the last page).
         first, second, pair, cos, sin = row_angles(cos_sin_ptr, tl.where(valid, lane, 0), ROT, HALF_PAD, NEOX)
         tail = ROT + tl.arange(0, TAIL_PAD)[None, :]
         read = valid[:, None]
@@ -93,7 +98,7 @@ with kernel_definitions():
     @triton.jit
     def attention_kernel(
         q_ptr, cache_ptr, table_ptr, lens_ptr, starts_ptr, values_ptr, out_ptr,
-        q_stride_t, q_stride_h, stride_block, stride_head, stride_token, table_stride, length, scale,
+        q_stride_t, q_stride_h, stride_block, stride_head, stride_token, table_stride, length, scale, window,
         H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ROUND_Q: tl.constexpr, EXACT_QK: tl.constexpr, EXACT_PV: tl.constexpr,
@@ -119,16 +124,18 @@ with kernel_definitions():
         peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         total = tl.full((BLOCK_M,), 0.0, tl.float32)
         acc = tl.full((BLOCK_M, DV_PAD), 0.0, tl.float32)
-        # The block's last query sees positions up to its own; the first tile holds position 0, so every
-        # row's max is finite from then on.
+        # The block's keys: from its first query's window start to its last query's own position. A row whose
+        # window starts later sees nothing in the first tiles (`softmax_step` adds nothing for it); every
+        # asked row sees its own key, so its sum ends positive.
         end = seq_len - query_len + tl.minimum((m + 1) * BLOCK_M, query_len)
-        for l0 in range(0, end, BLOCK_N):
+        for l0 in range(window_start(seq_len - query_len + m * BLOCK_M, window), end, BLOCK_N):
             lane = l0 + tl.arange(0, BLOCK_N)
             valid = lane < end
             at = tile_rows(table_ptr, b, table_stride, lane, valid, stride_block, stride_token, BLOCK_SIZE)
             k = tl.load(cache_ptr + (at + h * stride_head)[None, :] + d[:, None],
                         mask=valid[None, :] & (d[:, None] < D), other=0.0)  # [D_PAD, BLOCK_N], K transposed
-            score = tl.where(lane[None, :] <= position[:, None], dot(q, k, EXACT_QK) * scale, float("-inf"))
+            seen = (lane[None, :] <= position[:, None]) & (lane[None, :] > position[:, None] - window)
+            score = tl.where(seen, dot(q, k, EXACT_QK) * scale, float("-inf"))
             peak, total, rescale, p = softmax_step(peak, total, score)
             v = tl.load(values_ptr + ((b * length + lane).to(tl.int64) * H + h)[:, None] * DV + j[None, :],
                         mask=valid[:, None] & (j[None, :] < DV), other=0.0)
@@ -148,10 +155,12 @@ def triton_prefill_slim_attention(
     proj: SlimProjection,
     rotary: Rotary | None,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """`parallel.paged_prefill_slim_attention`'s contract by the kernels above: q [T, H, D] post-RoPE, packed
     (a row stride of its own is fine), sequence i's queries at query_start_loc[i]:query_start_loc[i + 1];
-    seq_lens [P] cached tokens, the queries' own included. Returns [T, H, Dv] float32."""
+    seq_lens [P] cached tokens, the queries' own included; window: a sliding window of that many keys (None:
+    all). Returns [T, H, Dv] float32."""
     tokens, heads, head_size = q.shape
     num_sequences = seq_lens.shape[0]
     spill = kv_cache.shape[-1] - head_size
@@ -165,6 +174,7 @@ def triton_prefill_slim_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     table, lens = block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
     starts = query_start_loc.to(torch.int32).contiguous()
+    window = window or NO_WINDOW
     rotary_dim = 0 if rotary is None else rotary.rotary_dim
     anything = proj.w_kv  # a float32 pointer for the arguments a launch never reads
     cos_sin = anything if rotary is None else rotary.inverse_cos_sin
@@ -172,8 +182,8 @@ def triton_prefill_slim_attention(
     heads_pow2 = 1 << (heads - 1).bit_length()
     rows = max(RAW_ROWS, heads_pow2)
     raw_kernel[(triton.cdiv(length, rows // heads_pow2), num_sequences)](
-        kv_cache, table, lens, cos_sin, anything if proj.k_bias is None else proj.k_bias, raw,
-        stride_block, stride_head, stride_token, table.stride(0), length,
+        kv_cache, table, lens, starts, cos_sin, anything if proj.k_bias is None else proj.k_bias, raw,
+        stride_block, stride_head, stride_token, table.stride(0), length, window,
         H=heads, HEADS_POW2=heads_pow2, D=head_size, R=spill, R_PAD=pad(spill), K_BIAS=proj.k_bias is not None,
         BLOCK_SIZE=block_size, ROWS=rows, **rotation_constants(rotary_dim, head_size, rotary is None or rotary.neox),
     )
@@ -191,7 +201,7 @@ def triton_prefill_slim_attention(
     widen = INTERPRETED and torch.bfloat16 in (q.dtype, kv_cache.dtype)
     attention_kernel[(triton.cdiv(max(max_query_len, 1), block_m), heads, num_sequences)](
         q, kv_cache, table, lens, starts, values, out,
-        q.stride(0), q.stride(1), stride_block, stride_head, stride_token, table.stride(0), length, scale,
+        q.stride(0), q.stride(1), stride_block, stride_head, stride_token, table.stride(0), length, scale, window,
         H=heads, D=head_size, D_PAD=pad(head_size), DV=value_size, DV_PAD=pad(value_size), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, ROUND_Q=not float_qk, EXACT_QK=float_qk or widen,
         EXACT_PV=values.dtype == torch.float32 or widen,
