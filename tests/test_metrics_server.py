@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import urllib.parse
 import urllib.request
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -173,14 +173,19 @@ def test_sata_gauges_equal_the_state_worked_out_from_config(servers, long_model,
 
 def test_sata_live_state_and_equivalent_cache(servers, long_model, config):
     """While a request runs: one state, the stock cache its tokens would take, and the savings as their
-    difference: negative short of the break-even length, positive past it."""
+    difference: negative short of the break-even length, positive past it. A second request that joins
+    and is cancelled mid-stream leaves the count with its state (vLLM drops it without finished stats)."""
     server = servers.get(long_model, *SATA_ARGS)
     per_sequence = gauge(server, "vllm_slim_sata_state_bytes_per_sequence")
     stock = gauge(server, "vllm_slim_stock_kv_cache_bytes_per_token")
     break_even = per_sequence / stock
     assert LONG_REQUEST_TOKENS > 2 * break_even > 100
+    cancelled = ThreadPoolExecutor(1)
+    streamed = []
 
     def sample() -> tuple[float, ...]:
+        if not streamed:  # at the first hold; it runs once the engine goes on, ~280 steps before the next
+            streamed.append(cancelled.submit(server.stream, "/v1/completions", body(server, 500), stop_after=5))
         now = scrape(server)
         names = ("sata_state_bytes", "sata_equivalent_kv_bytes", "kv_cache_saved_bytes")
         return gauge(now, "vllm:num_requests_running"), *(gauge(now, f"vllm_slim_{name}") for name in names)
@@ -188,6 +193,8 @@ def test_sata_live_state_and_equivalent_cache(servers, long_model, config):
     holds = [8, round(break_even) // 2, 2 * round(break_even)]
     answer, samples = server.sample_held("/v1/completions", body(server, LONG_REQUEST_TOKENS), holds, sample)
     prompt = answer["usage"]["prompt_tokens"]
+    assert len(streamed[0].result(timeout=60)) == 5
+    cancelled.shutdown()
     for generated, (running, state, equivalent, saved) in zip(holds, samples):
         assert running == 1 and state == per_sequence  # one sequence, one state, however long
         assert equivalent == (prompt + generated) * stock

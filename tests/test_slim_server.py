@@ -6,6 +6,7 @@ under Triton's interpreter."""
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -29,18 +30,29 @@ def _counter(metrics: str, name: str) -> float:
 
 
 @pytest.mark.server
-def test_concurrent_requests_under_preemption_match_stock(servers, models, prompts):
+def test_greedy_under_preemption_and_cancellations_matches_each_prompt_alone_on_stock(servers, models, prompts):
+    """Slim's output is a function of the cached rows alone: the same tokens however a sequence was chunked,
+    batched, preempted and recomputed, as stock's are for a prompt sent alone."""
     # 24 blocks of 32 tokens cannot hold 8 sequences of ~150 tokens: the scheduler preempts.
     model = models("llama", dtype="float32")
     requests = [f"{prompts[i % len(prompts)]}# request {i}\n" for i in range(8)]
-    stock = servers.get(model, *FLOAT32).greedy_tokens(requests, max_tokens=96)
+    stock = servers.get(model, *FLOAT32)
+    alone = [stock.greedy_tokens([request], max_tokens=96)[0] for request in requests]
     slim = servers.get(model, *SLIM, "--num-gpu-blocks-override", "24", "--max-model-len", "512")
     before = _counter(slim.metrics(), "vllm:num_preemptions_total")
     # One request with all 8 prompts: the API server adds them to the engine in one go, where 8 requests
-    # of their own could reach a fast engine one after another, each done before the next arrives.
-    concurrent = slim.greedy_tokens(requests, max_tokens=96)
+    # of their own could reach a fast engine one after another, each done before the next arrives. Beside
+    # it, 4 streams that hang up mid-way: their blocks are freed while the others run.
+    with ThreadPoolExecutor(5) as pool:
+        cancelled = [
+            pool.submit(slim.stream, "/v1/completions", {"model": slim.model, "prompt": request, "max_tokens": 96,
+                        "temperature": 0, "ignore_eos": True}, stop_after=3 + 4 * i)
+            for i, request in enumerate(requests[:4])
+        ]
+        concurrent = pool.submit(slim.greedy_tokens, requests, max_tokens=96).result()
+        assert [len(stream.result()) for stream in cancelled] == [3, 7, 11, 15]
     assert _counter(slim.metrics(), "vllm:num_preemptions_total") > before, "no preemption happened"
-    assert concurrent == stock
+    assert concurrent == alone
 
 
 @pytest.mark.server

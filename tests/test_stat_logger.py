@@ -19,7 +19,7 @@ def engine_config(backend: str | None) -> SimpleNamespace:
     its model named after the backend (the gauges live in one registry for the whole test process)."""
     return SimpleNamespace(
         attention_config=SimpleNamespace(backend=backend and SimpleNamespace(name=backend)),
-        parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, data_parallel_size=1),
         model_config=SimpleNamespace(served_model_name=f"stat-logger-test-{backend}", max_model_len=1024),
         cache_config=SimpleNamespace(num_gpu_blocks=3, block_size=1024),
     )

@@ -1,8 +1,11 @@
 """The API server's half: the `vllm_slim_*` gauges (`gauges.py`) on the stock /metrics, set by a
 stat-logger plugin (entry point `vllm.stat_logger_plugins`), one per engine, at every engine step."""
 
+import functools
+
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.v1.engine.output_processor import OutputProcessor
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from vllm_slim.metrics.gauges import gauge
@@ -11,6 +14,40 @@ from vllm_slim.metrics.report import CacheReport, load
 logger = init_logger(f"vllm.{__name__}")
 
 REPORT_TIMEOUT_S = 30.0  # the worker writes its report before the engine reports ready
+
+
+class AbortedTokens:
+    """Prompt and generated tokens of the requests this API server aborted (a client gone, a timeout)
+    after the stat loggers had counted them: vLLM drops an aborted request without finished stats, so
+    the held-token count would keep them until the engine idles. Counted by `OutputProcessor.abort_requests`,
+    wrapped once per process; taken by the engine's stat logger."""
+
+    pending = 0
+
+    @classmethod
+    def take(cls) -> int:
+        tokens, cls.pending = cls.pending, 0
+        return tokens
+
+    @classmethod
+    def count_in(cls, processor: type) -> None:
+        abort_requests = processor.abort_requests
+        if getattr(abort_requests, "counts_aborted_tokens", False):
+            return
+
+        @functools.wraps(abort_requests)
+        def counting(self, request_ids, internal):
+            states = dict(self.request_states)  # abort_requests pops the aborted ones
+            aborted = abort_requests(self, request_ids, internal)
+            for request_id in aborted:
+                state = states.get(request_id)
+                # Not prefilling: its first output came, which is when the loggers count the prompt.
+                if state is not None and state.stats is not None and not state.is_prefilling:
+                    cls.pending += state.prompt_len + state.stats.num_generation_tokens
+            return aborted
+
+        counting.counts_aborted_tokens = True
+        processor.abort_requests = counting
 
 
 class SlimStatLogger(StatLoggerBase):
@@ -26,6 +63,17 @@ class SlimStatLogger(StatLoggerBase):
         self.max_model_len = vllm_config.model_config.max_model_len
         self.report: CacheReport | None = None
         self.tokens_held = 0  # prompt and generated tokens of the sequences running now
+        # One engine's logger can take every aborted request's tokens; with several, the request's
+        # engine is not known here and the count keeps them until that engine idles.
+        counts_tokens = self.active and backend.name == "SATA"  # slim's gauges count blocks
+        self.takes_aborted = counts_tokens and vllm_config.parallel_config.data_parallel_size == 1
+        if self.takes_aborted:
+            AbortedTokens.count_in(OutputProcessor)
+        elif counts_tokens:
+            logger.warning(
+                "vllm-slim: with %d data-parallel engines, vllm_slim_sata_equivalent_kv_bytes counts an aborted "
+                "request's tokens until its engine idles", vllm_config.parallel_config.data_parallel_size,
+            )
 
     def log_engine_initialized(self) -> None:
         if not self.active:
@@ -49,6 +97,8 @@ class SlimStatLogger(StatLoggerBase):
             )
         if scheduler_stats is None:
             return
+        if self.takes_aborted:  # with the stats that show their state freed, or the step before
+            self.tokens_held -= AbortedTokens.take()
         if scheduler_stats.num_running_reqs == 0:
             self.tokens_held = 0  # no sequence holds cache (and no count can drift past idle)
         # vLLM's usage is over the blocks it can hand out: all but its null block.
