@@ -35,12 +35,21 @@ SERVER_ARGS = (
     "--block-size", "32", "--max-num-seqs", "8",
     # Small steps: long prompts go through chunked prefill.
     "--max-num-batched-tokens", "64",
+    # The model runs in the engine's own process (GPU vLLM's default on one GPU). The CPU build's default
+    # starts a worker process of its own, one more import of vLLM: ~25 s a server, a third of a start.
+    # The demo's test keeps that default (it starts its servers itself).
+    "--distributed-executor-backend", "uni",
 )
+# The CPU build turns "uni" back into "mp" unless the engine is told it may share its process; and there it
+# binds no core, so one compute thread a server: two workers' servers with OpenMP's default two threads each
+# spin against each other on two cores (1,000 greedy tokens took 100 s instead of 8).
+SERVER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 
 
 def core_binding() -> dict[str, str]:
-    """Under pytest-xdist, one core per worker for its servers' compute threads: left to
-    itself the CPU build binds every server to core 0, and two workers' servers would share it."""
+    """Under pytest-xdist, one core per worker for the compute threads of servers started the CPU build's
+    default way (a worker process): left to itself it binds every such server to core 0, and two
+    workers' servers would share it. (The pool's servers run one thread in the engine's process, unbound.)"""
     worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
     if worker is None:
         return {}
@@ -94,7 +103,7 @@ class ServerPool:
             return self.alive[key]
         while len(self.alive) >= self.max_alive:
             self.alive.popitem(last=False)[1].stop()
-        server = Server(str(model), [*SERVER_ARGS, *args], env={**core_binding(), **(env or {})}).__enter__()
+        server = Server(str(model), [*SERVER_ARGS, *args], env={**SERVER_ENV, **(env or {})}).__enter__()
         self.alive[key] = server
         return server
 
@@ -156,7 +165,7 @@ def refused_startup():
     """refused_startup(model, *args, env=None) -> the log of a server that must exit during start-up."""
 
     def start(model: Path | str, *args: str, env: dict | None = None) -> str:
-        server = Server(str(model), [*SERVER_ARGS, *args], env={**core_binding(), **(env or {})})
+        server = Server(str(model), [*SERVER_ARGS, *args], env={**SERVER_ENV, **(env or {})})
         try:
             with pytest.raises(RuntimeError, match="vLLM server exited"):
                 server.__enter__()
