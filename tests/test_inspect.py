@@ -224,6 +224,15 @@ def test_kv_heads_read_from_every_config_convention(tmp_path, config, heads, kv)
 
 
 
+def with_config(source, tmp_path, edit):
+    """A model directory with `source`'s weights and edit(its config.json as a dict) as config.json."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(edit(json.loads((source / "config.json").read_text()))))
+    (model / "model.safetensors").symlink_to(source / "model.safetensors")
+    return model
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda config: [config], "holds a JSON list, not an object"),
     (lambda config: {**config, "num_attention_heads": "4"}, "num_attention_heads is '4', not a positive integer"),
@@ -233,11 +242,7 @@ def test_kv_heads_read_from_every_config_convention(tmp_path, config, heads, kv)
     (lambda config: {**config, "torch_dtype": ["bfloat16"]}, "unknown torch_dtype ['bfloat16']"),
 ], ids=["list", "string-heads", "zero-hidden", "kv-heads", "float-head-dim", "dtype-list"])
 def test_a_config_it_cannot_read_is_one_line_naming_the_field(models, tmp_path, capsys, edit, message):
-    model = tmp_path / "model"
-    model.mkdir()
-    config = json.loads((models("llama") / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps(edit(config)))
-    (model / "model.safetensors").symlink_to(models("llama") / "model.safetensors")
+    model = with_config(models("llama"), tmp_path, edit)
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", str(model)])
     assert exit_info.value.code == 2
@@ -246,12 +251,8 @@ def test_a_config_it_cannot_read_is_one_line_naming_the_field(models, tmp_path, 
 
 
 def test_unreadable_optional_fields_and_weights_are_said_not_raised(models, tmp_path, capsys):
-    model = tmp_path / "model"
-    model.mkdir()
-    config = json.loads((models("llama") / "config.json").read_text())
-    config.update(rope_scaling="yarn", sliding_window="4096", quantization_config="gptq")
-    (model / "config.json").write_text(json.dumps(config))
-    (model / "model.safetensors").symlink_to(models("llama") / "model.safetensors")
+    unreadable = {"rope_scaling": "yarn", "sliding_window": "4096", "quantization_config": "gptq"}
+    model = with_config(models("llama"), tmp_path, lambda config: {**config, **unreadable})
     output = inspect_output(capsys, model)
     assert "RoPE scaling: unreadable ('yarn' is not an object)" in output
     assert "an unreadable sliding_window ('4096', not a token count)" in output
@@ -267,11 +268,8 @@ def test_unreadable_optional_fields_and_weights_are_said_not_raised(models, tmp_
 
 def test_a_window_shorter_than_the_context_is_served_by_slim_and_refused_by_sata(models, tmp_path, capsys):
     """Phi-3-mini-4k's case (a 2,047 window, 4,096 positions), at the fixture's size: 48 of 2,048."""
-    model = tmp_path / "model"
-    model.mkdir()
-    config = json.loads((models("llama") / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "sliding_window": 48, "max_position_embeddings": 2048}))
-    (model / "model.safetensors").symlink_to(models("llama") / "model.safetensors")
+    window = {"sliding_window": 48, "max_position_embeddings": 2048}
+    model = with_config(models("llama"), tmp_path, lambda config: {**config, **window})
     output = inspect_output(capsys, model, "--dtype", "float32")
     assert "slim: applies" in output
     assert "sata: not applicable (sliding-window attention (window 48, 2 of 2 layers: a SATA state cannot forget" in output

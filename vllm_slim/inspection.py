@@ -126,7 +126,7 @@ def read_shape(model_dir: Path) -> ModelShape:
         name, value = first(*names, default=default)
         if value is None:
             raise ValueError(f"{path} names no {' / '.join(names)}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{path}: {name} is {value!r}, not a positive integer")
         return value
 
@@ -137,7 +137,7 @@ def read_shape(model_dir: Path) -> ModelShape:
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ValueError(f"{path}: unknown {name} {dtype_name!r}")
     kv = kv_heads(config, heads)
-    if isinstance(kv, bool) or not isinstance(kv, int) or not 1 <= kv <= heads or heads % kv:
+    if not is_integer(kv) or not 1 <= kv <= heads or heads % kv:
         raise ValueError(f"{path}: {kv!r} KV heads cannot serve {heads} attention heads")
     architectures = config.get("architectures")
     return ModelShape(
@@ -151,6 +151,11 @@ def read_shape(model_dir: Path) -> ModelShape:
         dtype=DTYPES[dtype_name],
         config=config,
     )
+
+
+def is_integer(value) -> bool:
+    """A JSON integer: JSON's true and false load as Python bools, which are ints too."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def kv_heads(config: dict, heads: int) -> int:
@@ -245,7 +250,7 @@ def sliding_layers(shape: ModelShape) -> list[bool]:
     serve it as full attention (Phi-3-128k's 262,144)."""
     config = shape.config
     window, context = config.get("sliding_window"), config.get("max_position_embeddings")
-    if not isinstance(window, int) or isinstance(window, bool):
+    if not is_integer(window):
         window = None  # null, or unreadable: model_reasons says which
     if not window or (isinstance(context, int) and window >= context):
         return [False] * shape.num_layers
@@ -282,7 +287,7 @@ def model_reasons(shape: ModelShape) -> tuple[list[str], list[str]]:
     both = []
     sliding = sliding_layers(shape)
     window = config.get("sliding_window")
-    if window not in (None, False) and (window is True or not isinstance(window, int)):
+    if window not in (None, False) and not is_integer(window):
         both.append(f"an unreadable sliding_window ({window!r}, not a token count)")
     sata = []
     if any(sliding):  # slim masks the keys out of a query's window (the layer table marks its layers)
