@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_slim.fixtures.numerics import layer_errors, trained_attention_inputs
+from vllm_slim.fixtures.numerics import layer_errors, attention_inputs
 from vllm_slim.ops.slim.policy import SlimPolicy, choose_layout
 
 FIXTURE_DIR = Path(__file__).resolve().parents[1] / "vllm_slim" / "fixtures" / "trained" / "tiny-llama-pysrc"
@@ -70,7 +70,7 @@ def map_bytes(d: int, r: int, refine: bool) -> dict[str, int]:
 
 def main() -> None:
     torch.manual_seed(0)
-    trained, rotary = trained_attention_inputs(FIXTURE_DIR, TEXT)
+    trained, rotary = attention_inputs(FIXTURE_DIR, TEXT)
     rows, trained_layout = model_rows("trained Llama (8 x 32)", trained, 8, rotary)
     try:
         from vllm_slim.fixtures.transplant import minilm_attention_inputs

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm_slim.fixtures.models import ARCHS, build_model, key_condition_numbers, model_summary
 from vllm_slim.fixtures.tokenizer import STDLIB, read_source
 
+BIASED_ARCHS = ("llama_bias", "gpt_neox", "gptj", "gpt2", "opt")  # any bias (GPT-J: its MLP and norms)
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_position": 256}
 TEXT = "def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n"
 # Held out from training (fixtures/tokenizer.py VALIDATION_SOURCES).
@@ -30,6 +31,9 @@ def test_random_model_loads_and_runs(tmp_path, arch):
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 2048)
     assert torch.isfinite(logits).all()
+    # Biases are drawn, not the init's zeros: the biased families' bias handling is exercised.
+    biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
+    assert bool(biases) == (arch in BIASED_ARCHS) and all(p.std() > 0.2 for p in biases)
     assert model_summary(model_dir) == {
         "arch": type(model).__name__, "layers": 2, "heads": 4, "head_size": 16, "hidden": 64,
         "vocab": 2048, "dtype": "float32",

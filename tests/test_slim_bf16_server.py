@@ -4,12 +4,14 @@ The reference is the model in float32 under transformers (an independent
 implementation); two servers per model: stock bfloat16 and slim bfloat16 under
 its default layout. The prompt is fed in 16-token chunks, so
 every step reads most of its context back from the cache: slim rebuilds those
-values from cached keys through the reordered decode form. A last test serves
-the paper's own cache (K only, bfloat16, no spill) to show what the default
-layout is for.
+values from cached keys. Two models: a Llama carrying MiniLM's real attention
+weights (the worst conditioned W_K here) and a random Qwen1.5 (q/k/v biases, a
+YaRN table past its original 64 positions). The trained Llama's and the paper
+layout's rows of README's table were measured by this test on 2026-11-24; in CI
+their layer-by-layer numerics are tests/test_slim_numerics.py's, and `make demo`
+serves the trained model in bfloat16 through both backends (tests/test_demo.py).
 """
 
-import json
 import re
 import sysconfig
 from pathlib import Path
@@ -18,10 +20,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-# README: slim's default layout serves within 1.5x stock's own bf16 error at >= 1.9x the capacity; the
-# paper's layout is shown breaking a looser 4x bound.
+# README: slim's default layout serves within 1.5x stock's own bf16 error at >= 1.9x the capacity.
 DEFAULT_LAYOUT_BOUND, MIN_CAPACITY = 1.5, 1.9
-BOUND = 4.0
 CHUNKS = ("--max-num-batched-tokens", "16")
 TEXT = Path(sysconfig.get_paths()["stdlib"], "json", "decoder.py").read_text()
 
@@ -48,65 +48,34 @@ def mean_abs_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def bf16_models(models, trained_model, tmp_path_factory):
+def bf16_models(models, tmp_path_factory):
     from vllm_slim.fixtures.transplant import build_minilm_attention_llama
 
     return {
-        "trained": trained_model,
         "minilm_attention": build_minilm_attention_llama(tmp_path_factory.mktemp("minilm") / "model"),
-        "random": models("llama", dtype="bfloat16", hidden_size=256, num_heads=8),
+        # A random Qwen1.5: q/k/v biases and a YaRN table, 400 tokens past its original 64 positions.
+        "qwen1.5": models("qwen2", dtype="bfloat16"),
     }
 
 
-@pytest.fixture(scope="module")
-def stock_logprobs(servers, bf16_models):
-    """which -> (prompt tokens, float32 reference log-probs, stock bfloat16 log-probs), measured once."""
-    measured = {}
-
-    def get(which: str):
-        if which not in measured:
-            model = bf16_models[which]
-            tokens = AutoTokenizer.from_pretrained(model)(TEXT).input_ids[:400]
-            reference = reference_logprobs(model, tokens)
-            stock = prompt_logprobs(servers.get(model, "--dtype", "bfloat16", *CHUNKS), tokens)
-            measured[which] = tokens, reference, stock
-        return measured[which]
-
-    return get
-
-
-def slim_and_stock_errors(servers, bf16_models, stock_logprobs, which, *slim_args):
+def slim_and_stock_errors(servers, model):
     """Mean |Δ log-prob| against the float32 reference of stock bf16 and slim bf16, and slim's server."""
-    tokens, reference, stock = stock_logprobs(which)
-    slim_server = servers.get(
-        bf16_models[which], "--dtype", "bfloat16", "--attention-backend", "slim", *CHUNKS, *slim_args
-    )
+    tokens = AutoTokenizer.from_pretrained(model)(TEXT).input_ids[:400]
+    reference = reference_logprobs(model, tokens)
+    stock = prompt_logprobs(servers.get(model, "--dtype", "bfloat16", *CHUNKS), tokens)
+    slim_server = servers.get(model, "--dtype", "bfloat16", "--attention-backend", "slim", *CHUNKS)
     slim = prompt_logprobs(slim_server, tokens)
     return mean_abs_diff(stock, reference), mean_abs_diff(slim, reference), slim_server
 
 
 @pytest.mark.server
 # The well-conditioned W_K (cond 1) of README's table is checked without a server, in
-# tests/test_slim_numerics.py: its layout (spill 0, 2x) is the only thing it adds to these three.
-@pytest.mark.parametrize("which", ["trained", "minilm_attention", "random"])
-def test_bf16_teacher_forced_error_within_bound_of_stock(servers, bf16_models, stock_logprobs, which):
-    stock_error, slim_error, slim_server = slim_and_stock_errors(servers, bf16_models, stock_logprobs, which)
+# tests/test_slim_numerics.py: its layout (spill 0, 2x) is the only thing it adds.
+@pytest.mark.parametrize("which", ["minilm_attention", "qwen1.5"])
+def test_bf16_teacher_forced_error_within_bound_of_stock(servers, bf16_models, which):
+    stock_error, slim_error, slim_server = slim_and_stock_errors(servers, bf16_models[which])
     layout = next(line for line in slim_server.log().splitlines() if "layout: K in" in line)
     print(f"{which}: mean |dlogprob| stock {stock_error:.4f} slim {slim_error:.4f} "
           f"({slim_error / stock_error:.2f}x); {layout.split('] ', 1)[-1]}")
     assert slim_error <= DEFAULT_LAYOUT_BOUND * stock_error
     assert float(re.search(r"capacity ([\d.]+)x stock", layout).group(1)) >= MIN_CAPACITY, layout
-
-
-@pytest.mark.server
-def test_paper_layout_breaks_the_bound_on_trained_weights(servers, bf16_models, stock_logprobs):
-    """Why the default layout exists: the paper's cache (K only, in bfloat16, no spill) on the
-    same trained model, served anyway (allow_over_budget) so its error can be measured."""
-    paper = json.dumps({"slim": {"store_dtype": "bfloat16", "spill_per_head": 0, "allow_over_budget": True}})
-    stock_error, slim_error, slim_server = slim_and_stock_errors(
-        servers, bf16_models, stock_logprobs, "trained", "--additional-config", paper
-    )
-    print(f"paper layout, trained: mean |dlogprob| stock {stock_error:.4f} slim {slim_error:.4f} "
-          f"({slim_error / stock_error:.1f}x)")
-    assert "predicted V error exceeds its budget" in slim_server.log()
-    assert slim_error > BOUND * stock_error
