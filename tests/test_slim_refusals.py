@@ -8,11 +8,27 @@ from vllm_slim.fixtures.models import build_whisper
 SLIM = ("--dtype", "float32", "--attention-backend", "slim")
 SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}
 
-# One refusal of each kind through the real server: decided as vLLM builds the layers (Whisper's, below; GQA,
-# MQA and the others of this kind go through a real Attention layer in tests/test_backend_batches.py), and at
-# bind time (the error budget; the weights reader's own refusals, QK-norm and clip_qkv, are unit-tested on
-# the models' modules).
+# One refusal of each kind through the real server: as vLLM builds the layers (GQA here and Whisper's below;
+# MQA, ALiBi, soft-capping and the others of this kind through a real Attention layer in
+# tests/test_backend_batches.py), by the weights reader on the model's own attention module (QK-norm,
+# clip_qkv), and at bind time (the error budget).
 CASES = {
+    # Llama-3 / Mistral's layout, the one users try first
+    "gqa": (
+        "llama", {"num_key_value_heads": 2}, (),
+        "slim attention cannot serve this model: grouped-query attention (4 query heads, 2 KV heads): K has "
+        "fewer columns than the hidden state, so V is not a function of K",
+    ),
+    # Qwen3 (MHA here) normalises each key: V is not a linear function of the cached K
+    "qk_norm": (
+        "qwen3", {}, (),
+        "QK-norm (Qwen3Attention.q_norm) normalises each key, so V is not a linear function of the cached K",
+    ),
+    # OLMo-1.7 through vLLM's Transformers backend: a clamped K no longer determines V
+    "clip_qkv": (
+        "olmo", {"clip_qkv": 8.0}, (),
+        "OlmoAttention clamps q, k and v to ±8.0 (clip_qkv): a clamped K no longer determines V",
+    ),
     # a budget no layout meets (its floor, 1e-4, is under bfloat16's rounding): refused with the widest
     # spill the 1.8x capacity floor allows at head size 16, and the override named
     "over_budget": (
@@ -38,19 +54,3 @@ def test_encoder_decoder_refused(tmp_path, refused_startup):
     length = ("--max-model-len", "448", "--max-num-batched-tokens", "1500")
     log = refused_startup(build_whisper(tmp_path / "whisper"), *SLIM, *length)
     assert "attention type 'encoder_decoder' (slim serves decoder self-attention only" in log, log[-3000:]
-
-
-def test_qk_norm_refused_by_the_weights_reader(tmp_path):
-    """Qwen3 (MHA here) normalises each key: V is not a linear function of the cached K. Refused with the
-    module and norm named, from the model's own attention module, before its projections are read."""
-    from types import SimpleNamespace
-
-    from transformers import AutoModelForCausalLM
-
-    from vllm_slim.backends.weights import attention_weights
-    from vllm_slim.fixtures.models import build_model
-    from vllm_slim.ops.slim import SlimNotApplicable
-
-    model = AutoModelForCausalLM.from_pretrained(build_model("qwen3", tmp_path / "qwen3", **SMALL))
-    with pytest.raises(SlimNotApplicable, match=r"QK-norm \(Qwen3Attention.q_norm\) normalises each key"):
-        attention_weights(model, "model.layers.0.self_attn.attn", SimpleNamespace(num_heads=4, head_size=16))
