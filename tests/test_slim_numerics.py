@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from vllm_slim.fixtures.models import FAMILY_ARCHS, build_model
-from vllm_slim.fixtures.numerics import layer_errors, attention_inputs
+from vllm_slim.fixtures.numerics import attention_inputs, layer_errors
 from vllm_slim.ops.slim import solve_projection
 from vllm_slim.ops.slim.policy import SlimPolicy, choose_layout
 
