@@ -38,11 +38,16 @@ def all_layer_errors(layers, heads, rotary, model_dtype=torch.bfloat16):
     return results, layout
 
 
-def check(results, layout):
-    report = "\n".join(
+def describe(results) -> str:
+    """A line a layer: its stock, slim and paper errors and their ratios to stock."""
+    return "\n".join(
         f"layer {i}: stock {s:.2e} slim {m:.2e} ({m / s:.2f}x) paper {p:.2e} ({p / s:.1f}x)"
         for i, (s, m, p) in enumerate(results)
     )
+
+
+def check(results, layout):
+    report = describe(results)
     print(f"{report}\n{layout.table()}")
     for i, (stock, slim, _) in enumerate(results):
         assert slim <= BOUND * stock, f"layer {i}\n{report}"
@@ -75,8 +80,7 @@ def test_each_family_in_bfloat16_within_the_policys_bound(tmp_path, family):
     model = build_model(family, tmp_path, dtype="bfloat16", num_heads=HEADS)
     layers, rotary = attention_inputs(model, HELD_OUT_TEXT, max_tokens=256)
     results, layout = all_layer_errors(layers, HEADS, rotary)
-    report = "\n".join(f"layer {i}: stock {s:.2e} slim {m:.2e} ({m / s:.2f}x)" for i, (s, m, _) in enumerate(results))
-    assert all(slim <= 1.5 * stock for stock, slim, _ in results), f"{report}\n{layout.table()}"
+    assert all(slim <= 1.5 * stock for stock, slim, _ in results), f"{describe(results)}\n{layout.table()}"
     assert layout.within_budget and layout.capacity_gain >= 1.9, layout.table()
 
 
