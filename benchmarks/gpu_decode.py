@@ -2,6 +2,7 @@
 layer shape (32 heads x 128), one query per sequence.
 
     python3 -m benchmarks.gpu_decode --out DIR      # on a CUDA machine (no vLLM needed): DIR/gpu_decode.{json,md,png}
+    python3 -m benchmarks.gpu_decode --report DIR/gpu_decode.json --out DIR  # only the markdown and PNG
     python3 -m benchmarks.gpu_decode --smoke        # on the CPU, tiny shapes under Triton's interpreter: the
                                                     # script's own checks, no timing worth reading
 
@@ -16,7 +17,8 @@ Compared, each over B in {1, 8, 16, 64} and n in {1k, 4k, 16k, 32k, 64k, 128k} (
 - sata at order 3: `triton_decode_sata`, its state read and written once; flat in n by construction,
   timed once per B and set against SDPA's time at each n.
 Every method's output is first checked against a float32 torch reference on the same inputs. Timing:
-triton.testing.do_bench (L2 flushed between runs), median. Bytes per step: what each must read (slim
+triton.testing.do_bench (L2 flushed between runs), median; slim's two passes also replayed from a CUDA
+graph (do_bench_cudagraph), as vLLM runs slim's decode steps. Bytes per step: what each must read (slim
 two-pass reads its cache twice, counted once: "effective" bandwidth). The K-only floor is SDPA's own time
 scaled by slim's bytes over K+V's (the notes' practical floor: a plain copy is slower than SDPA's reads).
 """
@@ -109,8 +111,11 @@ def paged_kv_decode(q, k_cache, v_cache, table, lens, num_pages: int, num_splits
     return (out * weight[..., None]).sum(1) / (sums * weight).sum(1)[..., None]
 
 
-def timer(device):
-    """ms of one call: do_bench's median on CUDA, a perf_counter median elsewhere (smoke: meaningless)."""
+def timer(device, graph: bool = False):
+    """ms of one call: do_bench's median on CUDA (graph: of a CUDA graph's replays, as vLLM's FULL decode
+    graphs run it, without the launches' host overhead), a perf_counter median elsewhere (smoke: meaningless)."""
+    if device.type == "cuda" and graph:
+        return lambda fn: triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     if device.type == "cuda":
         return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -137,8 +142,8 @@ def slim_layer(heads: int, head_size: int, context: int, device):
     return proj, Rotary(rope_table(context + 1, head_size).to(device), head_size, True)
 
 
-def measure_config(batch: int, context: int, heads: int, head_size: int, device, bench) -> dict:
-    """Every method at one (B, n): ms, bytes, checked outputs."""
+def measure_config(batch: int, context: int, heads: int, head_size: int, device, bench, graph_bench) -> dict:
+    """Every method at one (B, n): ms, bytes, checked outputs; slim's two passes also as a CUDA graph."""
     g = torch.Generator(device=device).manual_seed(0)
     num_pages = -(-context // BLOCK_SIZE)
     scale = head_size**-0.5
@@ -177,6 +182,8 @@ def measure_config(batch: int, context: int, heads: int, head_size: int, device,
         )
         torch.testing.assert_close(run(), expected, rtol=1e-3, atol=1e-3)
         row[name] = bench(run)
+        if not one_pass:  # replayed from a CUDA graph, as vLLM runs slim's decode steps
+            row["slim_two_pass_graph_ms"] = graph_bench(run)
     row["slim_bytes"] = batch * heads * context * (head_size + SPILL) * 2
     return row
 
@@ -203,15 +210,15 @@ def report(results: dict, out: Path) -> None:
         f"Shape: {results['heads']} heads x {results['head_size']}, bf16 queries; stock K+V bf16, slim float16 "
         f"K + {SPILL} spill a head, pages of {BLOCK_SIZE}. Targets: {TARGETS}.",
         "",
-        "| B | n | SDPA ms | paged K+V ms | slim 2-pass ms | slim 1-pass ms | SDPA TB/s | slim 1-pass eff. TB/s "
-        "| 1-pass speedup vs SDPA | 1-pass % of K-only floor | 2-pass / SDPA |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| B | n | SDPA ms | paged K+V ms | slim 2-pass ms | slim 2-pass, CUDA graph ms | slim 1-pass ms | SDPA TB/s "
+        "| slim 1-pass eff. TB/s | 1-pass speedup vs SDPA | 1-pass % of K-only floor | 2-pass / SDPA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         floor = r["sdpa_ms"] * r["slim_bytes"] / r["kv_bytes"]
         lines.append(
             f"| {r['batch']} | {r['context']:,} | {r['sdpa_ms']:.3f} | {r['paged_kv_ms']:.3f} | "
-            f"{r['slim_two_pass_ms']:.3f} | {r['slim_one_pass_ms']:.3f} | {r['kv_bytes'] / r['sdpa_ms'] / 1e9:.2f} | "
+            f"{r['slim_two_pass_ms']:.3f} | {r['slim_two_pass_graph_ms']:.3f} | {r['slim_one_pass_ms']:.3f} | {r['kv_bytes'] / r['sdpa_ms'] / 1e9:.2f} | "
             f"{r['slim_bytes'] / r['slim_one_pass_ms'] / 1e9:.2f} | {r['sdpa_ms'] / r['slim_one_pass_ms']:.2f}x | "
             f"{100 * floor / r['slim_one_pass_ms']:.0f} % | {r['slim_two_pass_ms'] / r['sdpa_ms']:.2f}x |"
         )
@@ -225,8 +232,11 @@ def report(results: dict, out: Path) -> None:
     if skipped:
         lines += ["", f"Not run (B x n over {MAX_TOKENS:,} tokens): {', '.join(skipped)}."]
     (out / "gpu_decode.md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the GPU machine may lack it: the PNG is drawn later with --report
+        print(f"no matplotlib here: draw the PNG with `python -m benchmarks.gpu_decode --report {out}/gpu_decode.json`")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -258,12 +268,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
+    parser.add_argument("--report", type=Path, help="only write the markdown and PNG of a run's gpu_decode.json")
     args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        report(json.loads(args.report.read_text()), args.out)
+        return
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         os.environ[TRITON_ENV] = "1"  # slim's Triton path on the CPU (on CUDA it is the default)
     shape = SMOKE if args.smoke else FULL
-    bench = timer(device)
+    bench, graph_bench = timer(device), timer(device, graph=True)
     results = {
         "command": "python3 -m benchmarks.gpu_decode" + (" --smoke" if args.smoke else ""),
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
@@ -275,7 +290,7 @@ def main(argv=None) -> None:
             if batch * context > MAX_TOKENS:
                 results["skipped"].append(f"B {batch} x n {context:,}")
                 continue
-            row = measure_config(batch, context, shape["heads"], shape["head_size"], device, bench)
+            row = measure_config(batch, context, shape["heads"], shape["head_size"], device, bench, graph_bench)
             print(json.dumps(row), flush=True)
             results["rows"].append(row)
             if device.type == "cuda":
@@ -283,7 +298,6 @@ def main(argv=None) -> None:
         sata = measure_sata(batch, shape["heads"], shape["head_size"], device, bench)
         print(json.dumps(sata), flush=True)
         results["sata"].append(sata)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_decode.json").write_text(json.dumps(results, indent=1) + "\n")
     report(results, args.out)
 

@@ -3,6 +3,7 @@ tests, in float32, bfloat16 and float16: slim against float64 softmax attention 
 worse than a stock cache of the same dtype), sata against float64 evaluation of its definition. The
 context is written by an earlier step, scattered over shuffled blocks; `positions` is left None."""
 
+import itertools
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 import vllm
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
 from batches import (
@@ -299,6 +301,91 @@ def test_sata_step_reads_nothing_back_to_the_host(layers):
     page = layer.get_kv_cache_spec(config)
     out = meta_step(MIXED, layer, config, (16, 1, 1, page.page_size_bytes), torch.int8)
     assert out.device.type == "meta" and out.shape == (sum(MIXED.query_lens), HEADS, SATA_HEAD_SIZE)
+
+
+class DecodeGraph:
+    """A FULL decode graph of `size` requests as vLLM 0.33's V2 runner captures and replays it, emulated on
+    the CPU: the runner's persistent input buffers; metadata built once by `build_for_cudagraph_capture`
+    from the capture batch (every sequence 1 token long, max_seq_len = max_model_len); then, per step, the
+    buffers rewritten in place, `build` called for its side effects only (its metadata is not what a
+    replay reads), and the layer run with the captured metadata: the host numbers frozen at capture, the
+    tensors read wherever they now hold. Padded rows: seq_len 0, no query token, slot −1, and a block-table
+    row left stale (a live request's blocks)."""
+
+    def __init__(self, layer, config, size: int, max_blocks: int):
+        self.layer, self.config, self.size = layer, config, size
+        self.seq_lens = torch.zeros(size, dtype=torch.int32)
+        self.query_start_loc = torch.zeros(size + 1, dtype=torch.int32)
+        self.block_table = torch.zeros(size, max_blocks, dtype=torch.int32)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64)
+        backend = layer.get_attn_backend()
+        self.builder = backend.get_builder_cls()(layer.get_kv_cache_spec(config), [LAYER_NAME], config, "cpu")
+        max_model_len = config.model_config.max_model_len
+        self.captured = self.builder.build_for_cudagraph_capture(self._fill(Step([1] * size, [1] * size), max_model_len))
+
+    def _fill(self, step: Step, max_seq_len: int, block_table=None, slots=None):
+        real = len(step.seq_lens)
+        self.seq_lens.zero_()[:real] = torch.tensor(step.seq_lens)
+        qsl = torch.tensor([0, *itertools.accumulate(step.query_lens)], dtype=torch.int32)
+        self.query_start_loc.fill_(int(qsl[-1]))[: real + 1] = qsl
+        if block_table is not None:
+            self.block_table[:real, : block_table.shape[1]] = block_table
+            self.block_table[real:] = self.block_table[0]  # stale rows
+        self.slot_mapping.fill_(-1)
+        if slots is not None:
+            self.slot_mapping[:real] = slots
+        upper = torch.zeros(self.size, dtype=torch.int32)
+        upper[:real] = torch.tensor(step.seq_lens)
+        return CommonAttentionMetadata(
+            query_start_loc=self.query_start_loc, query_start_loc_cpu=self.query_start_loc.cpu(),
+            seq_lens=self.seq_lens, num_reqs=self.size, num_actual_tokens=self.size, max_query_len=1,
+            max_seq_len=max_seq_len, block_table_tensor=self.block_table, slot_mapping=self.slot_mapping,
+            seq_lens_cpu_upper_bound=upper,
+        )
+
+    def replay(self, step: Step, block_table, q, k, v, kv_cache) -> torch.Tensor:
+        """The step's decodes (padded to the graph's size with random rows) through the captured metadata."""
+        from vllm.forward_context import set_forward_context
+
+        real = len(step.seq_lens)
+        slots = common_metadata(step, block_table, self.builder.kv_cache_spec.block_size).slot_mapping
+        self.builder.build(0, self._fill(step, max(step.seq_lens), block_table, slots))
+        q, k, v = (torch.cat((x, torch.randn(self.size - real, *x.shape[1:], dtype=x.dtype))) for x in (q, k, v))
+        output = torch.empty(*q.shape[:2], v.shape[-1], dtype=q.dtype)
+        impl, layer, captured = self.layer.impl, self.layer, self.captured
+        with set_forward_context({LAYER_NAME: captured}, self.config):
+            if not layer.get_attn_backend().forward_includes_kv_cache_update:
+                impl.do_kv_cache_update(layer, k, v, kv_cache, self.slot_mapping)
+            return impl.forward(layer, q, k, v, kv_cache, captured, output)[:real]
+
+
+# Two decode steps replayed by one graph of 4 requests: 3 of them live (one past 200 tokens), then 4, longer.
+REPLAYED = (Step([40, 1, 230], [1, 1, 1]), Step([41, 2, 231, 97], [1, 1, 1, 1]))
+
+
+def test_slim_decode_graph_replays_each_step_as_eager_does(layers, monkeypatch):
+    """Through the Triton kernels (the path CUDA runs; under the interpreter here), bfloat16 (refined keys:
+    the store un-RoPEs and re-RoPEs at each token's position): each replayed step writes the rows an eager
+    step writes, and returns its rows up to the order of float32 sums (its splits are cut for the longest
+    sequence max_model_len allows, eager's for the step's)."""
+    monkeypatch.setenv("VLLM_SLIM_TRITON", "1")
+    config, layer = layers("slim", "bfloat16")
+    assert layer.get_attn_backend().get_builder_cls()._cudagraph_support.name == "UNIFORM_SINGLE_TOKEN_DECODE"
+    make = bind_random_weights(layer, seed=5)
+    page = layer.get_kv_cache_spec(config)
+    graph = DecodeGraph(layer, config, 4, MAX_LEN // BLOCK_SIZE)
+    for step in REPLAYED:
+        _, rounded = sequences(step, make, torch.bfloat16)
+        block_table, num_blocks = scattered_block_table(step.seq_lens, BLOCK_SIZE, seed=len(step.seq_lens))
+        kv_cache = torch.zeros(num_blocks, HEADS, BLOCK_SIZE, page.head_size + page.head_size_v, dtype=page.dtype)
+        (q, k, v), (context, context_table, (context_k, context_v)) = batch_and_context(step, rounded, block_table)
+        run_step(layer, config, common_metadata(context, context_table, BLOCK_SIZE), context_k, context_k,
+                 context_v, kv_cache, write_only=True)
+        eager_cache = kv_cache.clone()
+        eager = run_step(layer, config, common_metadata(step, block_table, BLOCK_SIZE), q, k, v, eager_cache)
+        replayed = graph.replay(step, block_table, q, k, v, kv_cache)
+        assert torch.equal(kv_cache, eager_cache)
+        torch.testing.assert_close(replayed, eager, rtol=1.6e-2, atol=1e-3)  # bfloat16 rounding of the rows
 
 
 def test_each_model_pages_by_its_own_layout(layers):

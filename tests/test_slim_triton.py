@@ -57,6 +57,20 @@ def test_triton_decode_rows_equal_the_torch_form(rope, layer, split_pages, heads
             torch.testing.assert_close(g[:-1], e[:-1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_one_launch_sized_by_a_bound_serves_any_lengths_within_it(window):
+    """What a captured CUDA graph replays: the launch sized for 64 pages (as for max_model_len) and 8 splits
+    (short sequences leave most empty), whatever the lengths are (0 for a padded row, 1, 17, 40: 10 pages);
+    each form, both passes' kernels, against the torch form over the pages the lengths need."""
+    q, kv_cache, table, lens, pages, _, rotary, _ = decode_case(4, "refined_spill", "neox", torch.float16, window=window)
+    expected = decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, None, window)
+    for one_pass in (False, True):
+        got = triton_decode_rows(q, kv_cache, table, lens, 64, rotary, 0.25, 8, one_pass, window=window)
+        for g, e in zip(got, expected):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g[:-1], e[:-1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cache_dtype,one_pass,window", [
     (torch.float32, True, None), (torch.bfloat16, False, None), (torch.float16, True, 5), (torch.float32, False, 5)
 ])
@@ -101,3 +115,37 @@ def test_triton_decode_on_cuda_at_llama7b_shape(batch, context, window):
         got = triton_decode_rows(q, kv_cache, table, lens, pages, rotary, head_size**-0.5, 64, one_pass, window=window)
         for gz, ez in zip(got, expected):
             torch.testing.assert_close(gz, ez, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_decode_replayed_from_a_cuda_graph_equals_eager():
+    """As vLLM's FULL decode graphs run it: captured once with every sequence 1 token long (vLLM's capture
+    batch) and the bound of max_model_len's pages, then replayed after new lengths, block tables and
+    queries were written into the same buffers; each replay must equal an eager call on those inputs."""
+    heads, head_size, block_size, max_pages, batch = 32, 128, 16, 256, 8
+    rotary = Rotary(rope_table(max_pages * block_size, head_size), head_size, True).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    kv_cache = torch.randn(batch * max_pages + 1, heads, block_size, head_size + 2, generator=g, device="cuda").half()
+    q = torch.zeros(batch, heads, head_size, device="cuda")
+    table = torch.zeros(batch, max_pages, dtype=torch.int32, device="cuda")
+    lens = torch.ones(batch, dtype=torch.int32, device="cuda")
+
+    def decode():  # Z and spill Z of the two passes (the products after them are plain torch)
+        return torch.cat(triton_decode_rows(q, kv_cache, table, lens, max_pages, rotary, head_size**-0.5), -1)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode()  # warm-up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode()
+    for lengths in ([4096, 1, 0, 300, 2049, 17, 4000, 64], [33] * batch):
+        q.copy_(torch.randn(batch, heads, head_size, generator=g, device="cuda"))
+        table.copy_((torch.randperm(batch * max_pages, device="cuda", generator=g) + 1).view(batch, max_pages))
+        lens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        graph.replay()
+        live = lens > 0
+        torch.testing.assert_close(captured[live], decode()[live], rtol=1e-4, atol=1e-4)

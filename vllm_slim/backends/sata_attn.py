@@ -100,8 +100,10 @@ class SataAttentionMetadata:
 
 
 class SataAttentionMetadataBuilder(AttentionMetadataBuilder[SataAttentionMetadata]):
-    # Not for CUDA graphs yet: no GPU has run a captured sata step. Under vLLM's default cudagraph
-    # mode sata's attention runs eagerly between the captured pieces (PIECEWISE).
+    # No FULL CUDA graphs: with them vLLM 0.33 refuses to start unless every one of max_num_seqs has a
+    # state block (config/compilation.py:1510-1531), and a state is gigabytes a sequence on a 7B model,
+    # so the default start would fail; and a decode step is bound by its states' bytes, not by launches.
+    # Under vLLM's default cudagraph mode sata's attention runs eagerly between the captured pieces.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):

@@ -109,10 +109,13 @@ class SlimAttentionMetadata:
 
 
 class SlimAttentionMetadataBuilder(AttentionMetadataBuilder[SlimAttentionMetadata]):
-    # Not for CUDA graphs yet: the batched torch forms size their work by the step's longest
-    # sequence (a host number a captured graph would freeze). Under vLLM's default cudagraph mode
-    # slim's attention runs eagerly between the captured pieces (PIECEWISE).
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # FULL CUDA graphs for steps of decodes only; mixed steps run attention eagerly between the captured
+    # pieces (PIECEWISE). A captured decode replays the launches of its capture, so nothing in them may
+    # depend on the step: the decode is sized by max_model_len's pages (`build_for_cudagraph_capture`),
+    # each sequence reads its own length on the device, every tensor the graph reads is a view of a
+    # persistent buffer (the runner's, or `positions` here), and a padded row (seq_len 0, slot −1)
+    # writes nothing and gives a finite row nobody reads.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -121,6 +124,14 @@ class SlimAttentionMetadataBuilder(AttentionMetadataBuilder[SlimAttentionMetadat
         self.block_size = kv_cache_spec.block_size
         self.row_size = kv_cache_spec.head_size + kv_cache_spec.head_size_v
         self.num_heads = kv_cache_spec.num_kv_heads
+        self.max_pages = -(-vllm_config.model_config.max_model_len // self.block_size)
+        # Each token's position, refreshed in place every step: a captured graph reads this buffer.
+        self.positions = torch.zeros(vllm_config.scheduler_config.max_num_batched_tokens, dtype=torch.long, device=device)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> SlimAttentionMetadata:
+        """A decode step as a FULL graph captures it: sized for any lengths up to max_model_len, since every
+        replay runs these launches whatever its sequences' lengths."""
+        return dataclasses.replace(self.build(0, common_attn_metadata), decode_pages=self.max_pages)
 
     def build(
         self,
@@ -134,11 +145,13 @@ class SlimAttentionMetadataBuilder(AttentionMetadataBuilder[SlimAttentionMetadat
         num_tokens = int(query_start_loc_cpu[-1])
         seq_lens = cam.seq_lens[: cam.num_reqs]
         block_table = cam.block_table_tensor[: cam.num_reqs]
+        positions = self.positions[:num_tokens]
+        positions.copy_(token_positions(cam.query_start_loc[: cam.num_reqs + 1], seq_lens, num_tokens))
         decode_pages = -(-host_max_seq_len(cam, 0, num_decodes) // self.block_size)
         prefill_query_lens = query_start_loc_cpu[num_decodes + 1 :] - query_start_loc_cpu[num_decodes:-1]
         return SlimAttentionMetadata(
             num_tokens=num_tokens,
-            positions=token_positions(cam.query_start_loc[: cam.num_reqs + 1], seq_lens, num_tokens),
+            positions=positions,
             num_decodes=num_decodes,
             decode_seq_lens=seq_lens[:num_decodes],
             decode_block_table=block_table[:num_decodes],

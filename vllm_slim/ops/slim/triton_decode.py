@@ -22,9 +22,10 @@ With a sliding window a sequence's tiles start at the one holding its window's f
 it (vLLM's null block once freed) are never read, and the splits wholly before it end at once.
 
 On CUDA these kernels are slim's decode; without CUDA they run under Triton's interpreter, for tests
-(`ops/triton_build.py`). No host sync: the launch sizes come from host numbers the metadata already
-holds (pages, split length, window); a sequence's tiles start at its window and stop at its length, read on
-the device.
+(`ops/triton_build.py`). No host sync, and nothing a captured CUDA graph would freeze wrongly: the launch
+sizes come from the batch, a bound on its pages (the metadata's; `max_model_len`'s when a graph is
+captured) and the window, never from a sequence's length. Each sequence reads its length on the device and
+cuts its own keys into the launch's splits; its tiles start at its window and stop at its length.
 """
 
 import torch
@@ -57,15 +58,21 @@ with kernel_definitions():
         return tl.maximum(position - window + 1, 0)
 
     @triton.jit
-    def split_span(lens_ptr, b, s, split_len, window, TILE: tl.constexpr):
-        """Sequence b's length n (a padded row's 0 read as 1: it attends position 0, finite), its window's
-        first position lo, and the tiles of split s that hold keys in [lo, n): from `start` (TILE-aligned, as
-        the two passes' tiles must be) to `end`. A split past the sequence or before its window has none; any
-        other tile holds at least one such key (the columns pass takes P = exp(score − max), NaN where a
-        split's max stayed −inf)."""
-        n = tl.maximum(tl.load(lens_ptr + b), 1)
+    def split_span(lens_ptr, b, s, num_splits, window, max_keys, TILE: tl.constexpr):
+        """Sequence b's length n (a padded row's 0 read as 1: it attends position 0, finite; never past
+        max_keys, the launch's bound, so that no length reads or writes past what it sized), its window's
+        first position lo, and the tiles of split s that hold keys in [lo, n): from `start` to `end`. Each
+        sequence cuts its own keys into num_splits spans of whole tiles (TILE-aligned, as the two passes'
+        tiles must be), so the launch depends on no sequence's length: one launch serves any lengths, as a
+        captured CUDA graph replays it. A split past the sequence has no tiles; any other tile holds at least
+        one key in [lo, n) (the columns pass takes P = exp(score − max), NaN where a split's max stayed −inf)."""
+        n = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 1), max_keys)
         lo = window_start(n - 1, window)
-        return n, lo, tl.maximum(s * split_len, lo // TILE * TILE), tl.minimum((s + 1) * split_len, n)
+        first = lo // TILE * TILE
+        per_split = (n - first + num_splits - 1) // num_splits  # builtins only: tl.cdiv is a jitted helper
+        span = (per_split + TILE - 1) // TILE * TILE
+        start = first + s * span
+        return n, lo, start, tl.minimum(start + span, n)
 
     @triton.jit
     def head_scores(
@@ -105,11 +112,11 @@ with kernel_definitions():
     @triton.jit
     def scores_kernel(
         q_ptr, cache_ptr, table_ptr, lens_ptr, scores_ptr, max_ptr, sum_ptr,
-        stride_block, stride_head, stride_token, table_stride, scale, split_len, num_splits, window, max_len,
+        stride_block, stride_head, stride_token, table_stride, scale, num_splits, window, max_keys, max_len,
         H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     ):
         h, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n, lo, start, end = split_span(lens_ptr, b, s, split_len, window, TILE)
+        n, lo, start, end = split_span(lens_ptr, b, s, num_splits, window, max_keys, TILE)
         row = (b * H + h).to(tl.int64)
         one = tl.arange(0, 1)  # the head's statistics as [1] rows, for `softmax_step`
         peak = tl.full((1,), float("-inf"), tl.float32)
@@ -119,7 +126,7 @@ with kernel_definitions():
             valid = (lane >= lo) & (lane < n)
             at = tile_rows(table_ptr, b, table_stride, lane, valid, stride_block, stride_token, BLOCK_SIZE)
             score = head_scores(q_ptr, cache_ptr, at, valid, b, h, scale, stride_head, H, D, D_PAD)
-            tl.store(scores_ptr + row * max_len + lane, score)
+            tl.store(scores_ptr + row * max_len + lane, score, mask=valid)
             peak, total, _, _ = softmax_step(peak, total, score[None, :])
         tl.store(max_ptr + row * num_splits + s + one, peak)
         tl.store(sum_ptr + row * num_splits + s + one, total)
@@ -127,13 +134,13 @@ with kernel_definitions():
     @triton.jit
     def columns_kernel(
         q_ptr, cache_ptr, table_ptr, lens_ptr, cos_sin_ptr, scores_ptr, max_ptr, sum_ptr, z_ptr, zs_ptr,
-        stride_block, stride_head, stride_token, table_stride, scale, split_len, num_splits, window, max_len,
+        stride_block, stride_head, stride_token, table_stride, scale, num_splits, window, max_keys, max_len,
         H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr,
         R_PAD: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr, GROUP: tl.constexpr, ONE_PASS: tl.constexpr,
     ):
         gc, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n, lo, start, end = split_span(lens_ptr, b, s, split_len, window, TILE)
+        n, lo, start, end = split_span(lens_ptr, b, s, num_splits, window, max_keys, TILE)
         heads = tl.arange(0, H_PAD)
         live = heads < H
         rows = (b * H + heads).to(tl.int64)
@@ -211,10 +218,11 @@ def triton_decode_rows(
     group: int | None = None,
     window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised Z [B, H, H·D] and spill Z [B, H, H·R] (`decode.decode_rows`'s contract). split_pages:
-    at most this many pages per split (default: no bound; sequences are split further where the batch
-    alone would not fill the GPU: `occupancy_splits`); one_pass: K read once, else the two passes;
-    group: key heads per column group, a power of two (default: GROUP_COLUMNS' worth); window: a sliding
+    """Normalised Z [B, H, H·D] and spill Z [B, H, H·R] (`decode.decode_rows`'s contract). num_pages: a
+    bound on every sequence's pages (the launch and the scores' scratch are sized by it, not by the
+    lengths); split_pages: the launch has at least ⌈num_pages / split_pages⌉ splits (default: one; more
+    where the batch alone would not fill the GPU: `occupancy_splits`), and each sequence's keys are cut
+    evenly into them; one_pass: K read once, else the two passes; group: key heads per column group, a power of two (default: GROUP_COLUMNS' worth); window: a sliding
     window of that many keys (None: all)."""
     batch, heads, head_size = q.shape
     spill = kv_cache.shape[-1] - head_size
@@ -223,13 +231,10 @@ def triton_decode_rows(
     if group & (group - 1):
         raise ValueError(f"slim: the column group must be a power of two, got {group}")
     groups = -(-heads // group)
-    # As many splits as fill the GPU, within the caller's bound on a split's pages.
+    # As many splits as fill the GPU, and at least the caller's.
     fill = -(-max(num_pages, 1) // occupancy_splits(batch * groups, num_pages, q.device))
     split_pages = max(1, min(split_pages or num_pages, fill))
     num_splits = -(-max(num_pages, 1) // split_pages)
-    split_len = split_pages * block_size
-    tile = min(TILE_TOKENS, pad(split_len))
-    split_len = -(-split_len // tile) * tile
     device = q.device
     maxes = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=device)
     sums = torch.empty_like(maxes)
@@ -243,11 +248,12 @@ def triton_decode_rows(
     if last != 1:
         raise ValueError("slim: the Triton decode reads cache rows with unit stride")
     check_device(device, "slim: the Triton decode")
-    walk = (stride_block, stride_head, stride_token, table.stride(0), scale, split_len, num_splits, window or NO_WINDOW)
-    shape = dict(H=heads, D=head_size, D_PAD=pad(head_size), BLOCK_SIZE=block_size, TILE=tile)
+    max_keys = max(num_pages, 1) * block_size
+    walk = (stride_block, stride_head, stride_token, table.stride(0), scale, num_splits, window or NO_WINDOW, max_keys)
+    shape = dict(H=heads, D=head_size, D_PAD=pad(head_size), BLOCK_SIZE=block_size, TILE=TILE_TOKENS)
     scores, max_len = maxes, 0  # the one pass keeps no scores
     if not one_pass:
-        max_len = num_splits * split_len
+        max_len = -(-max_keys // TILE_TOKENS) * TILE_TOKENS  # a score per key position
         scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=device)
         scores_kernel[(heads, num_splits, batch)](
             q, kv_cache, table, lens, scores, maxes, sums, *walk, max_len, **shape
