@@ -11,8 +11,9 @@ import torch
 
 from batches import rope_table
 from test_slim_ops import ROPES, free_out_of_window, sequence_case, write_sequences
-from vllm_slim.ops.slim import Rotary, naive_slim_attention, paged_decode_slim_attention
+from vllm_slim.ops.slim import Rotary, naive_slim_attention, paged_decode_slim_attention, store_rows
 from vllm_slim.ops.slim.decode import decode_rows
+from vllm_slim.ops.slim.projection import SlimProjection
 from vllm_slim.ops.slim.triton_decode import triton_decode_rows
 
 
@@ -119,33 +120,55 @@ def test_triton_decode_on_cuda_at_llama7b_shape(batch, context, window):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_triton_decode_replayed_from_a_cuda_graph_equals_eager():
-    """As vLLM's FULL decode graphs run it: captured once with every sequence 1 token long (vLLM's capture
-    batch) and the bound of max_model_len's pages, then replayed after new lengths, block tables and
-    queries were written into the same buffers; each replay must equal an eager call on those inputs."""
-    heads, head_size, block_size, max_pages, batch = 32, 128, 16, 256, 8
-    rotary = Rotary(rope_table(max_pages * block_size, head_size), head_size, True).to("cuda")
+def test_decode_step_replayed_from_a_cuda_graph_equals_eager():
+    """As vLLM's FULL decode graphs run slim's step (Llama-7B's shape, refined keys and 2 spill a head, a bf16
+    model, an fp16 cache): the new tokens' rows stored, then the decode and its value map. Captured once with
+    every sequence 1 token long and the bound of max_model_len's pages; replayed after new queries, keys,
+    values, positions, slots, lengths and block tables were written into the same buffers. Each replay must
+    write the cache an eager step writes and return its rows."""
+    heads, head_size, spill, block_size, max_pages, batch = 32, 128, 2, 16, 256, 8
+    d = heads * head_size
     g = torch.Generator(device="cuda").manual_seed(1)
-    kv_cache = torch.randn(batch * max_pages + 1, heads, block_size, head_size + 2, generator=g, device="cuda").half()
-    q = torch.zeros(batch, heads, head_size, device="cuda")
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device="cuda") * scale
+
+    proj = SlimProjection(randn(d, d, scale=d**-0.5), randn(heads * spill, d, scale=d**-0.5),
+                          randn(2 * d, heads * spill, scale=(2 * d) ** -0.5), randn(2 * d, d, scale=(2 * d) ** -0.5),
+                          randn(d), randn(d), heads, 1.0)
+    rotary = Rotary(rope_table(max_pages * block_size, head_size), head_size, True).to("cuda")
+    cache = randn(batch * max_pages + 1, heads, block_size, head_size + spill).half()
+    q, key, value = (torch.zeros(batch, heads, head_size, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     table = torch.zeros(batch, max_pages, dtype=torch.int32, device="cuda")
     lens = torch.ones(batch, dtype=torch.int32, device="cuda")
+    positions = torch.zeros(batch, dtype=torch.long, device="cuda")
+    slots = torch.full((batch,), -1, dtype=torch.long, device="cuda")
 
-    def decode():  # Z and spill Z of the two passes (the products after them are plain torch)
-        return torch.cat(triton_decode_rows(q, kv_cache, table, lens, max_pages, rotary, head_size**-0.5), -1)
+    def step():
+        store_rows(cache, key, value, positions, slots, proj, rotary)
+        return paged_decode_slim_attention(q, cache, table, lens, max_pages, proj, rotary, head_size**-0.5)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        decode()  # warm-up: compile outside the capture
+        step()  # warm-up: compile outside the capture (slot -1: nothing written)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = decode()
+        captured = step()
     for lengths in ([4096, 1, 0, 300, 2049, 17, 4000, 64], [33] * batch):
-        q.copy_(torch.randn(batch, heads, head_size, generator=g, device="cuda"))
+        for x in (q, key, value):
+            x.copy_(randn(batch, heads, head_size))
         table.copy_((torch.randperm(batch * max_pages, device="cuda", generator=g) + 1).view(batch, max_pages))
         lens.copy_(torch.tensor(lengths, dtype=torch.int32))
-        graph.replay()
         live = lens > 0
-        torch.testing.assert_close(captured[live], decode()[live], rtol=1e-4, atol=1e-4)
+        positions.copy_((lens.long() - 1).clamp_min(0))
+        page = table.gather(1, (positions // block_size)[:, None])[:, 0].long()
+        slots.copy_((page * block_size + positions % block_size).where(live, -1))
+        before = cache.clone()
+        graph.replay()
+        replayed, replayed_cache = captured.clone(), cache.clone()
+        cache.copy_(before)
+        eager = step()
+        assert torch.equal(replayed_cache, cache)
+        torch.testing.assert_close(replayed[live], eager[live], rtol=1e-5, atol=1e-5)
