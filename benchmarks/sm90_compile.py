@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -162,6 +163,8 @@ def resources(kernel) -> dict:
     return {
         "registers": registers, "local_bytes": int(fields["LOCAL"]), "shared_bytes": kernel.metadata.shared,
         "warps": warps, "blocks_per_sm_by_registers": REGISTERS_PER_SM // (registers * 32 * warps),
+        # tl.dot on tensor cores: mma.sync or wgmma instructions in the PTX (none: CUDA cores)
+        "tensor_core_instructions": len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\b", kernel.asm["ptx"])),
     }
 
 
@@ -188,19 +191,20 @@ def markdown(rows: list[dict]) -> str:
         "Compile-time facts only: no kernel ran. Limits: 255 registers a thread, no local (spilled) bytes, "
         f"{SHARED_PER_BLOCK // 1024} KiB of shared memory a block.",
         "",
-        "| case | kernel | registers | spilled bytes | shared KiB | warps | blocks/SM by registers |",
-        "|---|---|---|---|---|---|---|",
+        "| case | kernel | registers | spilled bytes | shared KiB | warps | blocks/SM by registers | tensor-core mma |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['kernel']} | {r['registers']} | {r['local_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
-            f"{r['warps']} | {r['blocks_per_sm_by_registers']} |"
+            f"{r['warps']} | {r['blocks_per_sm_by_registers']} | {r['tensor_core_instructions']} |"
         )
     capped = sorted({f"{r['kernel']} ({r['case']})" for r in rows if r["registers"] >= 255})
     lines += [
         "",
         f"Blocks/SM by registers: how many blocks of that many warps an SM's {REGISTERS_PER_SM:,} registers hold "
-        "(shared memory may allow fewer).",
+        "(shared memory may allow fewer). Tensor-core mma: the mma.sync / wgmma instructions in its PTX (0: its "
+        "tl.dot products, if any, run on CUDA cores).",
         f"At the 255-register cap, so the fewest warps an SM: {', '.join(capped) or 'none'}.",
     ]
     return "\n".join(lines) + "\n"

@@ -321,7 +321,8 @@ class DecodeGraph:
         backend = layer.get_attn_backend()
         self.builder = backend.get_builder_cls()(layer.get_kv_cache_spec(config), [LAYER_NAME], config, "cpu")
         max_model_len = config.model_config.max_model_len
-        self.captured = self.builder.build_for_cudagraph_capture(self._fill(Step([1] * size, [1] * size), max_model_len))
+        capture_batch = self._fill(Step([1] * size, [1] * size), max_model_len)
+        self.captured = self.builder.build_for_cudagraph_capture(capture_batch)
 
     def _fill(self, step: Step, max_seq_len: int, block_table=None, slots=None):
         real = len(step.seq_lens)

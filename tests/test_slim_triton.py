@@ -63,7 +63,9 @@ def test_one_launch_sized_by_a_bound_serves_any_lengths_within_it(window):
     """What a captured CUDA graph replays: the launch sized for 64 pages (as for max_model_len) and 8 splits
     (short sequences leave most empty), whatever the lengths are (0 for a padded row, 1, 17, 40: 10 pages);
     each form, both passes' kernels, against the torch form over the pages the lengths need."""
-    q, kv_cache, table, lens, pages, _, rotary, _ = decode_case(4, "refined_spill", "neox", torch.float16, window=window)
+    q, kv_cache, table, lens, pages, _, rotary, _ = decode_case(
+        4, "refined_spill", "neox", torch.float16, window=window
+    )
     expected = decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, None, window)
     for one_pass in (False, True):
         got = triton_decode_rows(q, kv_cache, table, lens, 64, rotary, 0.25, 8, one_pass, window=window)

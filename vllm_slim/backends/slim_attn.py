@@ -126,7 +126,8 @@ class SlimAttentionMetadataBuilder(AttentionMetadataBuilder[SlimAttentionMetadat
         self.num_heads = kv_cache_spec.num_kv_heads
         self.max_pages = -(-vllm_config.model_config.max_model_len // self.block_size)
         # Each token's position, refreshed in place every step: a captured graph reads this buffer.
-        self.positions = torch.zeros(vllm_config.scheduler_config.max_num_batched_tokens, dtype=torch.long, device=device)
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.positions = torch.zeros(max_tokens, dtype=torch.long, device=device)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> SlimAttentionMetadata:
         """A decode step as a FULL graph captures it: sized for any lengths up to max_model_len, since every

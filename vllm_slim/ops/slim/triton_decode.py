@@ -4,7 +4,7 @@ One pass (`columns_kernel`, ONE_PASS): one program per (key-head column group, s
 tile of TILE tokens of its split it scores every query head against the post-RoPE keys as stored (one
 [TILE, D] load per head, so one key tile is live at a time), updates each head's online-softmax max and
 sum, rescales its accumulator and adds P [H, TILE] times the un-RoPE'd columns of its group's key heads
-and their spill (tl.dot, float32 accumulation). The H × (H·D) float32 accumulator does not fit one
+and their spill (tl.dot, float32 accumulation; precision below). The H × (H·D) float32 accumulator does not fit one
 program (512 KiB at 32 × 128), hence the column groups: the groups of one (split, sequence) are launched
 side by side (grid axis 0) and read the same key tiles, so HBM sees K once and the repeats hit L2. The
 price: every group computes all H heads' scores, H²·D/GROUP multiply-adds a token on top of the H²·D of
@@ -20,6 +20,14 @@ Z, max and sum unnormalised; `triton_decode_rows` merges the splits by log-sum-e
 `decode.decode_rows`'s contract: normalised Z [B, H, H·D] = Σ_l P_l·K_raw,l and spill Z [B, H, H·R].
 With a sliding window a sequence's tiles start at the one holding its window's first key: the pages before
 it (vLLM's null block once freed) are never read, and the splits wholly before it end at once.
+
+Precision of P·K_raw and P·spill (float32 operands, float32 accumulation): a float32 cache takes
+input_precision="ieee" (a float32 model stays exact against stock); a 16-bit cache takes "tf32x3", three
+TF32 tensor-core products per dot (a = a_hi + a_lo), about float32's accuracy. Rounding P or K_raw to 16
+bits instead would add a rounding of K to every value, amplified by W_KV: the error slim's layout exists
+to keep at stock's level. On CUDA cores the product alone would need about SDPA's whole time at 32 x 128
+(B = 16, n = 32k: 137 GFLOP, ~2 ms at ~67 TFLOP/s); compiled for sm_90 the 16-bit form runs mma.sync
+(`benchmarks/sm90_compile.py`). Untimed: the device check decides whether it pays.
 
 On CUDA these kernels are slim's decode; without CUDA they run under Triton's interpreter, for tests
 (`ops/triton_build.py`). No host sync, and nothing a captured CUDA graph would freeze wrongly: the launch
@@ -137,7 +145,7 @@ with kernel_definitions():
         stride_block, stride_head, stride_token, table_stride, scale, num_splits, window, max_keys, max_len,
         H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr,
         R_PAD: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        TILE: tl.constexpr, GROUP: tl.constexpr, ONE_PASS: tl.constexpr,
+        TILE: tl.constexpr, GROUP: tl.constexpr, ONE_PASS: tl.constexpr, PRECISION: tl.constexpr,
     ):
         gc, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n, lo, start, end = split_span(lens_ptr, b, s, num_splits, window, max_keys, TILE)
@@ -190,11 +198,11 @@ with kernel_definitions():
                 cos = tl.load(cos_sin_ptr + angle, mask=turn, other=1.0)
                 sin = tl.load(cos_sin_ptr + angle + half, mask=turn, other=0.0)
                 x = x * cos + partner * sin * sign[None, :]
-            acc += tl.dot(p, x, input_precision="ieee")
+            acc += tl.dot(p, x, input_precision=PRECISION)
             if R > 0:
                 spill = tl.load(cache_ptr + at[:, None] + (spill_key.to(tl.int64) * stride_head + D + r)[None, :],
                                 mask=valid[:, None] & spill_kept[None, :], other=0.0).to(tl.float32)
-                acc_spill += tl.dot(p, spill, input_precision="ieee")
+                acc_spill += tl.dot(p, spill, input_precision=PRECISION)
         out = ((b * num_splits + s) * H + heads).to(tl.int64)[:, None]
         tl.store(z_ptr + out * (H * D) + (key * D + j)[None, :], acc, mask=live[:, None] & kept[None, :])
         tl.store(zs_ptr + out * (H * R) + (spill_key * R + r)[None, :], acc_spill,
@@ -222,8 +230,8 @@ def triton_decode_rows(
     bound on every sequence's pages (the launch and the scores' scratch are sized by it, not by the
     lengths); split_pages: the launch has at least ⌈num_pages / split_pages⌉ splits (default: one; more
     where the batch alone would not fill the GPU: `occupancy_splits`), and each sequence's keys are cut
-    evenly into them; one_pass: K read once, else the two passes; group: key heads per column group, a power of two (default: GROUP_COLUMNS' worth); window: a sliding
-    window of that many keys (None: all)."""
+    evenly into them; one_pass: K read once, else the two passes; group: key heads per column group, a
+    power of two (default: GROUP_COLUMNS' worth); window: a sliding window of that many keys (None: all)."""
     batch, heads, head_size = q.shape
     spill = kv_cache.shape[-1] - head_size
     block_size = kv_cache.shape[2]
@@ -261,7 +269,7 @@ def triton_decode_rows(
     columns_kernel[(groups, num_splits, batch)](
         q, kv_cache, table, lens, cos_sin, scores, maxes, sums, z, z_spill, *walk, max_len, **shape,
         H_PAD=pad(heads), R=spill, R_PAD=pad(spill), ROT=rotary_dim, NEOX=rotary is None or rotary.neox, GROUP=group,
-        ONE_PASS=one_pass, num_warps=NUM_WARPS,
+        ONE_PASS=one_pass, PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32x3", num_warps=NUM_WARPS,
     )
     # Each split's partials are taken against its own max: rescale to the largest (finite: one split holds
     # the query's own position; a split past a sequence's end or before its window has max −inf, sum 0,
