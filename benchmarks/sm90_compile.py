@@ -71,7 +71,8 @@ def compiling_for_sm90():
 
     triton.runtime.driver.set_active(Sm90Driver())
     jit.JITFunction.run = compile_only
-    build.check_device = lambda device, what: None
+    for module in triton_modules():  # their launches take CPU tensors here
+        module.check_device = lambda device, what: None
     try:
         yield compiled
     finally:
@@ -83,22 +84,27 @@ def kernel_name(function) -> str:
     return f"{function.fn.__module__.removeprefix('vllm_slim.ops.')}.{function.fn.__name__}"
 
 
-def defined_kernels() -> set[str]:
-    """Every kernel (a jitted function named *_kernel) the ops' Triton modules define."""
+def triton_modules() -> list:
+    """The ops' modules that define kernels (vllm_slim/ops/*/triton_*.py), imported."""
     import importlib
     import pkgutil
 
-    import triton
-
     import vllm_slim.ops
 
-    names = set()
-    for info in pkgutil.walk_packages(vllm_slim.ops.__path__, "vllm_slim.ops."):
-        if info.name.rsplit(".", 1)[-1].startswith("triton_") and info.name != "vllm_slim.ops.triton_build":
-            for value in vars(importlib.import_module(info.name)).values():
-                if isinstance(value, triton.runtime.jit.JITFunction) and value.fn.__name__.endswith("_kernel"):
-                    names.add(kernel_name(value))
-    return names
+    return [
+        importlib.import_module(info.name) for info in pkgutil.walk_packages(vllm_slim.ops.__path__, "vllm_slim.ops.")
+        if info.name.rsplit(".", 1)[-1].startswith("triton_") and info.name != "vllm_slim.ops.triton_build"
+    ]
+
+
+def defined_kernels() -> set[str]:
+    """Every kernel (a jitted function named *_kernel) the ops' Triton modules define."""
+    import triton
+
+    return {
+        kernel_name(value) for module in triton_modules() for value in vars(module).values()
+        if isinstance(value, triton.runtime.jit.JITFunction) and value.fn.__name__.endswith("_kernel")
+    }
 
 
 def slim_cases(compiled):
@@ -108,8 +114,6 @@ def slim_cases(compiled):
     from vllm_slim.ops.slim import triton_decode, triton_prefill, triton_store
     from vllm_slim.ops.slim.projection import SlimProjection
 
-    for module in (triton_decode, triton_prefill, triton_store):
-        module.check_device = lambda device, what: None
     spill, block_size, tokens = 2, 16, 3
     for shape, (heads, head_size, rotary_dim, neox) in SLIM_SHAPES.items():
         width, r = heads * head_size, heads * spill
@@ -133,8 +137,6 @@ def sata_cases(compiled):
     """Sata's decode and prefill at 32 x 128, order 3, bf16: plain, and the hybrid with 4 sinks and a window of 64."""
     from vllm_slim.ops.sata import state_size, triton_decode, triton_prefill
 
-    for module in (triton_decode, triton_prefill):
-        module.check_device = lambda device, what: None
     heads, head_size, order, tokens = 32, 128, 3, 2
     for name, sinks, window in (("plain", 0, 0), ("hybrid", 4, 64)):
         pages = torch.zeros(3, heads, state_size(head_size, head_size, order, sinks + window))
