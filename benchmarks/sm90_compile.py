@@ -1,17 +1,21 @@
 """Every Triton kernel of vllm_slim compiled for an H100/H200 (sm_90) on a machine without a GPU, at the real
-model shapes, and what each compiled kernel holds: registers a thread, spilled (local) bytes, shared memory.
+model shapes, and what each compiled kernel holds: registers a thread, stack bytes (where ptxas spills the
+registers it lacks), shared memory, tensor-core instructions.
 What the interpreter cannot show: a kernel that does not compile for a GPU, spills registers, or asks for
 more shared memory than an SM has.
 
     python -m benchmarks.sm90_compile      # the table; --json: the rows and every kernel defined; --out DIR: the .md
+    pip install --target DIR --no-deps triton==3.6.0 && PYTHONPATH=DIR python -m benchmarks.sm90_compile
+                                           # the same with the GPU machine's triton
 
 How: in this process the kernels are decorated for the compiler (torch is told CUDA exists before they are
 defined), triton is given a driver that names sm_90 as its target, and every launch the ops make is turned
 into a compile without a launch (`JITFunction.run(..., warmup=True)`). The ops are called on CPU tensors of
 the real widths (heads, head sizes, rotary, spill, orders, windows) and a few tokens: a kernel compiles
 for its dtypes, strides' divisibility and constexprs, not for its lengths. Resource usage is read from each
-cubin with the cuobjdump that ships with triton. Compiled by this venv's triton (3.9); the GPU machine's is
-3.6, so this is the check before a device run, not a substitute for it.
+cubin with the cuobjdump that ships with triton. The venv's triton is 3.9 and the GPU machine's 3.6: their
+code differs (registers by kernel change a lot between them), so both are worth compiling, and neither
+replaces a device run.
 """
 
 import argparse
@@ -151,7 +155,8 @@ def sata_cases(compiled):
 
 
 def resources(kernel) -> dict:
-    """Registers, local (spilled) bytes and shared memory of a compiled kernel, from its cubin."""
+    """Registers, stack and local bytes, shared memory and tensor-core instructions of a compiled kernel, from
+    its cubin and PTX."""
     import triton
 
     cuobjdump = Path(triton.knobs.nvidia.ptxas.path).with_name("cuobjdump")
@@ -163,7 +168,9 @@ def resources(kernel) -> dict:
     warps = kernel.metadata.num_warps
     registers = int(fields["REG"])
     return {
-        "registers": registers, "local_bytes": int(fields["LOCAL"]), "shared_bytes": kernel.metadata.shared,
+        # a stack frame is local memory too: what ptxas spills to when registers run out
+        "registers": registers, "local_bytes": int(fields["LOCAL"]), "stack_bytes": int(fields["STACK"]),
+        "shared_bytes": kernel.metadata.shared,
         "warps": warps, "blocks_per_sm_by_registers": REGISTERS_PER_SM // (registers * 32 * warps),
         # tl.dot on tensor cores: mma.sync or wgmma instructions in the PTX (none: CUDA cores)
         "tensor_core_instructions": len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\b", kernel.asm["ptx"])),
@@ -188,26 +195,32 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "# vllm_slim's Triton kernels compiled for sm_90 (H100/H200) without a GPU",
         "",
-        f"Command: `python -m benchmarks.sm90_compile`. Machine: a CPU-only dev machine (no GPU), triton "
-        f"{triton.__version__}, target sm_90. Date: {datetime.date.today().isoformat()}.",
-        "Compile-time facts only: no kernel ran. Limits: 255 registers a thread, no local (spilled) bytes, "
-        f"{SHARED_PER_BLOCK // 1024} KiB of shared memory a block.",
+        f"Command: `python -m benchmarks.sm90_compile` under triton {triton.__version__} (another triton: the "
+        f"module's docstring). Machine: a CPU-only dev machine (no GPU); target sm_90. "
+        f"Date: {datetime.date.today().isoformat()}.",
+        "Compile-time facts only: no kernel ran. Limits: 255 registers a thread, "
+        f"{SHARED_PER_BLOCK // 1024} KiB of shared memory a block; a stack frame is where ptxas spills the "
+        "registers a thread lacks (local memory, through L1).",
         "",
-        "| case | kernel | registers | spilled bytes | shared KiB | warps | blocks/SM by registers | tensor-core mma |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | kernel | registers | stack bytes | local bytes | shared KiB | warps | blocks/SM by registers "
+        "| tensor-core mma |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['kernel']} | {r['registers']} | {r['local_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
+            f"| {r['case']} | {r['kernel']} | {r['registers']} | {r['stack_bytes']} | {r['local_bytes']} | "
+            f"{r['shared_bytes'] / 1024:.1f} | "
             f"{r['warps']} | {r['blocks_per_sm_by_registers']} | {r['tensor_core_instructions']} |"
         )
     capped = sorted({f"{r['kernel']} ({r['case']})" for r in rows if r["registers"] >= 255})
+    spilling = sorted({f"{r['kernel']} ({r['case']}, {r['stack_bytes']:,} B)" for r in rows if r["stack_bytes"]})
     lines += [
         "",
         f"Blocks/SM by registers: how many blocks of that many warps an SM's {REGISTERS_PER_SM:,} registers hold "
         "(shared memory may allow fewer). Tensor-core mma: the mma.sync / wgmma instructions in its PTX (0: its "
         "tl.dot products, if any, run on CUDA cores).",
         f"At the 255-register cap, so the fewest warps an SM: {', '.join(capped) or 'none'}.",
+        f"With a stack frame: {', '.join(spilling) or 'none'}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -215,15 +228,17 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("--out", type=Path, help="write sm90_compile.md there")
+    parser.add_argument("--out", type=Path, help="write sm90_compile_triton-VERSION.md there")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unless it is said
     result = measure()
     text = markdown(result["rows"])
     print(json.dumps(result) if args.json else text)
     if args.out:
+        import triton
+
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sm90_compile.md").write_text(text)
+        (args.out / f"sm90_compile_triton-{triton.__version__}.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Slim's Triton decode (`ops/slim/triton_decode.py`), the one pass and the two, against the torch form and
 the naive reference: on the CPU under Triton's interpreter at small shapes (ragged lengths, n = 1, page
 boundaries, several splits, a padded row, partial and interleaved rotary, spill 0 and > 0, padded head
-tiles, a head count not a power of two, several column groups, sliding windows whose freed pages hold NaN),
+tiles, a head count not a power of two, several column tiles, of whole heads and of half a head, sliding windows whose
+freed pages hold NaN),
 and, marked `gpu`, compiled on CUDA at Llama-7B's shape."""
 
 import math
@@ -17,17 +18,19 @@ from vllm_slim.ops.slim.projection import SlimProjection
 from vllm_slim.ops.slim.triton_decode import triton_decode_rows
 
 
-def decode_case(heads, layer, rope, cache_dtype, seq_lens=(1, 17, 40), block_size=4, seed=2, window=None):
+def decode_case(heads, layer, rope, cache_dtype, seq_lens=(1, 17, 40), block_size=4, seed=2, window=None,
+                head_size=16):
     """layer: a name in test_slim_ops.LAYERS (the rows that layer caches), or a spill width per head
     (random rows, no layer: any head count); window: the pages a decode's window leaves freed (NaN)."""
     if isinstance(layer, int):
         g = torch.Generator().manual_seed(seed)
-        proj, rotary, rows = None, ROPES[rope](16), [torch.randn(n, heads, 16 + layer, generator=g) for n in seq_lens]
+        rows = [torch.randn(n, heads, head_size + layer, generator=g) for n in seq_lens]
+        proj, rotary = None, ROPES[rope](head_size)
     else:
-        proj, rotary, rows = sequence_case(heads, 16, layer, rope, list(seq_lens), seed=seed)
+        proj, rotary, rows = sequence_case(heads, head_size, layer, rope, list(seq_lens), seed=seed)
     rows = [r.to(cache_dtype) for r in rows]
     kv_cache, block_table = write_sequences(rows, block_size, token_major=True)
-    q = torch.randn(len(seq_lens) + 1, heads, 16, generator=torch.Generator().manual_seed(seed))
+    q = torch.randn(len(seq_lens) + 1, heads, head_size, generator=torch.Generator().manual_seed(seed))
     # A padded row (seq_len 0, the null block) rides along.
     table = torch.cat((block_table, torch.zeros(1, block_table.shape[1], dtype=block_table.dtype)))
     lens = torch.tensor([*seq_lens, 0])
@@ -45,16 +48,28 @@ def decode_case(heads, layer, rope, cache_dtype, seq_lens=(1, 17, 40), block_siz
     ("neox", "refined_spill", 4, 4, 20), ("gptj_partial", 2, None, 3, 3),
 ])
 def test_triton_decode_rows_equal_the_torch_form(rope, layer, split_pages, heads, window):
-    """Both forms: the two passes with one column group of the padded heads, the one pass with groups of
-    two key heads (the last one partly padding at 3 heads)."""
+    """Both forms: the two passes with one column tile of the padded heads, the one pass with tiles of two
+    key heads (the last one partly padding at 3 heads)."""
     q, kv_cache, table, lens, pages, _, rotary, _ = decode_case(heads, layer, rope, torch.float16, window=window)
     expected = decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, split_pages, window)
-    for one_pass, group in ((False, None), (True, 2)):
+    for one_pass, columns in ((False, None), (True, 32)):
         got = triton_decode_rows(
-            q, kv_cache, table, lens, pages, rotary, 0.25, split_pages, one_pass, group, window=window
+            q, kv_cache, table, lens, pages, rotary, 0.25, split_pages, one_pass, columns, window=window
         )
         for g, e in zip(got, expected):
             assert torch.isfinite(g).all()
+            torch.testing.assert_close(g[:-1], e[:-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rope,layer,heads", [("neox", "refined_spill", 4), ("gptj_partial", 2, 3)])
+def test_column_tiles_of_part_of_a_head_equal_the_torch_form(rope, layer, heads):
+    """Tiles of 16 columns over heads of 32 (as GPT-J's heads of 256 take tiles of 128): two tiles a head,
+    the spill accumulated by the first; both forms against the torch form."""
+    q, kv_cache, table, lens, pages, _, rotary, _ = decode_case(heads, layer, rope, torch.float16, head_size=32)
+    expected = decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, 3)
+    for one_pass in (False, True):
+        got = triton_decode_rows(q, kv_cache, table, lens, pages, rotary, 0.25, 3, one_pass, 16)
+        for g, e in zip(got, expected):
             torch.testing.assert_close(g[:-1], e[:-1], rtol=1e-5, atol=1e-5)
 
 
@@ -99,7 +114,7 @@ def test_triton_decode_equals_the_naive_reference(monkeypatch, cache_dtype, one_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batch,context,window", [(1, 4096, None), (16, 4000, None), (16, 4000, 2047)])
 def test_triton_decode_on_cuda_at_llama7b_shape(batch, context, window):
-    """Compiled (not interpreted), both forms: 32 heads x 128 (16 column groups), fp16 cache of block 16,
+    """Compiled (not interpreted), both forms: 32 heads x 128 (32 column tiles), fp16 cache of block 16,
     several splits, against the torch form in float32 on the same GPU; Phi-3-mini's window of 2,047 (its
     freed pages NaN)."""
     heads, head_size, block_size = 32, 128, 16

@@ -1,8 +1,8 @@
 """Every Triton kernel the ops define, compiled for sm_90 (H100/H200) on this CPU-only machine at the real
 widths (Llama-2-7B's 32 x 128, GPT-J's 16 x 256 with 64 interleaved rotary dims, sata's order 3 at 32 x 128,
-plain and hybrid): each compiles, spills no register and fits a block's shared memory, and slim's products
-of a 16-bit cache run on tensor cores. What the interpreter, which runs every other kernel test here,
-cannot show (`benchmarks/sm90_compile.py`)."""
+plain and hybrid): each compiles and fits a block's shared memory, slim's kernels and sata's decode spill
+no register, and slim's products of a 16-bit cache run on tensor cores. What the interpreter, which runs
+every other kernel test here, cannot show (`benchmarks/sm90_compile.py`)."""
 
 import json
 import subprocess
@@ -29,6 +29,9 @@ def test_every_kernel_compiles_for_sm90_without_spilling():
     for row in rows:
         assert row["local_bytes"] == 0 and row["registers"] <= 255, row
         assert row["shared_bytes"] <= result["shared_per_block"], row
+        # No spill in the decode path's kernels (slim's, sata's decode); sata's prefill readouts still spill.
+        if row["kernel"].startswith(("slim.", "sata.triton_decode.")):
+            assert row["stack_bytes"] == 0, row
         # Slim's products of a 16-bit cache on tensor cores: P·K in the decode, Q·K and P·V in the prefill.
         if row["kernel"].startswith(("slim.triton_decode.columns_kernel", "slim.triton_prefill.attention_kernel")):
             assert row["tensor_core_instructions"] > 0, row

@@ -28,7 +28,10 @@ import triton.language as tl
 from vllm_slim.ops.sata.basis import feature_size, feature_tables, group_queries, state_size
 from vllm_slim.ops.triton_build import add, check_device, kernel_definitions, larger, pad
 
-TILE_FLOATS = 8192  # a state tile's numerator: 64 float32 registers a thread at 4 warps
+# A state tile's numerator: 32 float32 registers a thread at 4 warps. Compiled for sm_90
+# (benchmarks/sm90_compile.py, triton 3.6 and 3.9), tiles of 8,192 spilled 300–4,100 bytes a thread at
+# 32 x 128, order 3; 4,096 use no stack under either.
+TILE_FLOATS = 4096
 SLOT_TILE = 16  # exact slots a step of `exact_kernel` scores: tl.dot's least
 
 

@@ -79,11 +79,15 @@ from vllm_slim.ops.triton_build import add, check_device, kernel_definitions, la
 # readout: accumulator [64, 128] 32, φ(q) [64, 32] 8 and the S_0 tile [32, 128] 16 in the tile loop; then
 # the query block [64, 128] 32, keys [128, 32] 16, weights [64, 32] 8 and values [32, 128] 16 in the key
 # loop: ~100 at the peak before tl.dot's operand copies (the hybrid's masks and row scales add ~20). Update:
-# the S tile [64, 128] 32, φ(K)ᵀ [64, 32] 8, values [32, 128] 16: ~60.
+# the S tile [32, 128] 16, φ(K)ᵀ [32, 32] 4, values [32, 128] 16: ~40.
 READ_ROWS = 64  # query rows (tokens × query heads of a KV head) a readout program holds
 READ_TILE_FLOATS = 4096  # floats of an S_0 tile the readout multiplies at once: 32 basis rows at d_v = 128
 KEY_BLOCK = 32  # keys per step of the readouts' key loops (new keys, stored slots) and the update's folds
-UPDATE_TILE_FLOATS = 8192  # floats of the S tile an update program owns: 64 basis rows at d_v = 128
+# Floats of the S tile an update program owns: 32 basis rows at d_v = 128 (8,192 spilled 660–3,000 bytes a
+# thread compiled for sm_90; 4,096 at most 32 bytes, under triton 3.9's hybrid). Each tile is still read
+# and written once; the readouts still spill (1.4–6.9 KB a thread), which fewer READ_ROWS would cut at the
+# price of reading S_0 more often: for a device to decide.
+UPDATE_TILE_FLOATS = 4096
 SLOT_TILE = 32  # exact slots a store program writes
 NUM_WARPS = 8
 NO_SCALE = tl.constexpr(-1e30)  # a row's scale before any weight: exp(NO_SCALE − c) is 0 for every real c

@@ -1,18 +1,20 @@
 """Slim's paged decode as Triton kernels: Z = P·K_raw in two passes (the default) or in one (K read once).
 
-One pass (`columns_kernel`, ONE_PASS): one program per (key-head column group, split, sequence). For each
-tile of TILE tokens of its split it scores every query head against the post-RoPE keys as stored (one
-[TILE, D] load per head, so one key tile is live at a time), updates each head's online-softmax max and
-sum, rescales its accumulator and adds P [H, TILE] times the un-RoPE'd columns of its group's key heads
-and their spill (tl.dot, float32 accumulation; precision below). The H × (H·D) float32 accumulator does not fit one
-program (512 KiB at 32 × 128), hence the column groups: the groups of one (split, sequence) are launched
-side by side (grid axis 0) and read the same key tiles, so HBM sees K once and the repeats hit L2. The
-price: every group computes all H heads' scores, H²·D/GROUP multiply-adds a token on top of the H²·D of
-P·K_raw (+50% at GROUP = 2, on CUDA cores), and L2 serves all of K H/GROUP times (16 at 32 x 128): so
-until a GPU has timed both (benchmarks/gpu_decode.py), the two passes are the default.
+One pass (`columns_kernel`, ONE_PASS): one program per (column tile, split, sequence); a column tile is
+COLUMNS columns of the padded key row, whole key heads or a part of one. For each tile of TILE tokens of
+its split it scores every query head against the post-RoPE keys as stored (one [TILE, D] load per head,
+so one key tile is live at a time), updates each head's online-softmax max and sum, rescales its
+accumulator and adds P [H, TILE] times its un-RoPE'd columns, and the spill of the key heads whose first
+column it holds (tl.dot, float32 accumulation; precision below). The H × (H·D) float32 accumulator does
+not fit one program (512 KiB at 32 × 128), hence the column tiles: the tiles of one (split, sequence) are
+launched side by side (grid axis 0) and read the same key tiles, so HBM sees K once and the repeats hit
+L2. The price: every column tile computes all H heads' scores, H·D multiply-adds a head and token each
+(at 32 × 128 and 128 columns, 32 tiles: as many as P·K_raw itself, on CUDA cores), and L2 serves K once
+per tile: so until a GPU has timed both (benchmarks/gpu_decode.py), the two passes are the default.
 Two passes (`scores_kernel`, then `columns_kernel` reading P from a scratch): the scores and softmax
-statistics first, one program per (head, split, sequence), then the same column groups. K is read twice from
-HBM (the bytes stock reads for K and V), the scores once more through a small scratch.
+statistics first, one program per (head, split, sequence), then the same column tiles, each reading only
+its own columns of K. K is read twice from HBM (the bytes stock reads for K and V), the scores once more
+through a small scratch.
 
 The un-RoPE is done in registers from `Rotary.inverse_cos_sin` (NeoX or GPT-J pairs, partial rotary): a
 raw column is x·cos ± x'·sin, x' the stored value of its rotation partner. Each split writes its Z, spill
@@ -43,11 +45,12 @@ import triton.language as tl
 from vllm_slim.ops.slim.rope import Rotary
 from vllm_slim.ops.triton_build import add, check_device, kernel_definitions, larger, occupancy_splits, pad
 
-# At 32 × 128 a one-pass program holds a [32, 256] accumulator and four [16, 256] operand tiles (the
-# columns, their partners, cos, sin): ~32 + ~64 float32 registers a thread over 8 warps. Larger groups
-# cut the replicated scores and L2 reads, but would spill.
 TILE_TOKENS = 16  # tokens per tile: tl.dot's least
-GROUP_COLUMNS = 256  # key-head columns a program accumulates: group = 256 // D_PAD, 2 at D = 128
+# Key-row columns a program accumulates: [H_PAD, 128] float32 plus [16, 128] operands (the columns, their
+# partners, cos, sin) and tf32x3's split halves. Compiled for sm_90 (benchmarks/sm90_compile.py, triton 3.6
+# and 3.9) the two passes' tile of 128 uses no stack at 32 × 128 and 16 × 256; tiles of 256 spilled
+# 520–1,400 bytes a thread under tf32x3.
+COLUMN_TILE = 128
 NUM_WARPS = 8
 NO_WINDOW = 1 << 30  # the window of a layer without one: more keys than any sequence holds
 
@@ -145,7 +148,8 @@ with kernel_definitions():
         stride_block, stride_head, stride_token, table_stride, scale, num_splits, window, max_keys, max_len,
         H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr,
         R_PAD: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        TILE: tl.constexpr, GROUP: tl.constexpr, ONE_PASS: tl.constexpr, PRECISION: tl.constexpr,
+        TILE: tl.constexpr, COLUMNS: tl.constexpr, SPILL_HEADS: tl.constexpr, ONE_PASS: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         gc, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n, lo, start, end = split_span(lens_ptr, b, s, num_splits, window, max_keys, TILE)
@@ -157,9 +161,9 @@ with kernel_definitions():
             total = tl.full((H_PAD,), 0.0, tl.float32)
         else:  # the split's max from the first pass (padding heads: 0, their scores are −inf)
             peak = tl.load(max_ptr + rows * num_splits + s, mask=live, other=0.0)
-        # The group's columns: GROUP key heads of D_PAD columns (D used), then of R_PAD spill columns.
-        c = tl.arange(0, GROUP * D_PAD)
-        key, j = gc * GROUP + c // D_PAD, c % D_PAD
+        # The tile's columns of the padded key row (H heads of D_PAD, D used): whole heads, or a part of one.
+        c = gc * COLUMNS + tl.arange(0, COLUMNS)
+        key, j = c // D_PAD, c % D_PAD
         kept = (key < H) & (j < D)
         column = key.to(tl.int64) * stride_head + j
         half = ROT // 2
@@ -170,11 +174,13 @@ with kernel_definitions():
         else:
             first, pair, mate = j % 2 == 0, j // 2, j ^ 1
         sign = tl.where(first, 1.0, -1.0)  # raw first = x1·cos + x2·sin, raw second = x2·cos − x1·sin
-        cs = tl.arange(0, GROUP * R_PAD)
-        spill_key, r = gc * GROUP + cs // R_PAD, cs % R_PAD
-        spill_kept = (spill_key < H) & (r < R)
-        acc = tl.full((H_PAD, GROUP * D_PAD), 0.0, tl.float32)
-        acc_spill = tl.full((H_PAD, GROUP * R_PAD), 0.0, tl.float32)
+        # A key head's R spill columns, by the tile that holds its column 0 (SPILL_HEADS heads of them).
+        cs = tl.arange(0, SPILL_HEADS * R_PAD)
+        spill_key, r = gc * COLUMNS // D_PAD + cs // R_PAD, cs % R_PAD
+        owner = gc * COLUMNS % D_PAD == 0
+        spill_kept = (spill_key < tl.where(owner, H, 0)) & (r < R)  # a scalar's & is int32 under the interpreter
+        acc = tl.full((H_PAD, COLUMNS), 0.0, tl.float32)
+        acc_spill = tl.full((H_PAD, SPILL_HEADS * R_PAD), 0.0, tl.float32)
         for l0 in range(start, end, TILE):
             lane = l0 + tl.arange(0, TILE)
             valid = (lane >= lo) & (lane < n)
@@ -208,7 +214,7 @@ with kernel_definitions():
         tl.store(zs_ptr + out * (H * R) + (spill_key * R + r)[None, :], acc_spill,
                  mask=live[:, None] & spill_kept[None, :])
         if ONE_PASS:
-            if gc == 0:  # the statistics are the same in every group: one writes them
+            if gc == 0:  # the statistics are the same in every column tile: one writes them
                 tl.store(max_ptr + rows * num_splits + s, peak, mask=live)
                 tl.store(sum_ptr + rows * num_splits + s, total, mask=live)
 
@@ -223,24 +229,26 @@ def triton_decode_rows(
     scale: float,
     split_pages: int | None = None,
     one_pass: bool = False,
-    group: int | None = None,
+    columns: int | None = None,
     window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised Z [B, H, H·D] and spill Z [B, H, H·R] (`decode.decode_rows`'s contract). num_pages: a
     bound on every sequence's pages (the launch and the scores' scratch are sized by it, not by the
     lengths); split_pages: the launch has at least ⌈num_pages / split_pages⌉ splits (default: one; more
     where the batch alone would not fill the GPU: `occupancy_splits`), and each sequence's keys are cut
-    evenly into them; one_pass: K read once, else the two passes; group: key heads per column group, a
-    power of two (default: GROUP_COLUMNS' worth); window: a sliding window of that many keys (None: all)."""
+    evenly into them; one_pass: K read once, else the two passes; columns: the key-row columns a program
+    accumulates, a power of two ≥ 16 (default COLUMN_TILE; whole heads or a part of one); window: a sliding
+    window of that many keys (None: all)."""
     batch, heads, head_size = q.shape
     spill = kv_cache.shape[-1] - head_size
     block_size = kv_cache.shape[2]
-    group = group or min(max(1, GROUP_COLUMNS // pad(head_size)), 1 << (heads - 1).bit_length())
-    if group & (group - 1):
-        raise ValueError(f"slim: the column group must be a power of two, got {group}")
-    groups = -(-heads // group)
+    head_pad = pad(head_size)
+    columns = min(columns or COLUMN_TILE, head_pad << (heads - 1).bit_length())
+    if columns < 16 or columns & (columns - 1):
+        raise ValueError(f"slim: a column tile must be a power of two of at least 16 columns, got {columns}")
+    tiles = -(-heads * head_pad // columns)
     # As many splits as fill the GPU, and at least the caller's.
-    fill = -(-max(num_pages, 1) // occupancy_splits(batch * groups, num_pages, q.device))
+    fill = -(-max(num_pages, 1) // occupancy_splits(batch * tiles, num_pages, q.device))
     split_pages = max(1, min(split_pages or num_pages, fill))
     num_splits = -(-max(num_pages, 1) // split_pages)
     device = q.device
@@ -266,9 +274,10 @@ def triton_decode_rows(
         scores_kernel[(heads, num_splits, batch)](
             q, kv_cache, table, lens, scores, maxes, sums, *walk, max_len, **shape
         )
-    columns_kernel[(groups, num_splits, batch)](
+    columns_kernel[(tiles, num_splits, batch)](
         q, kv_cache, table, lens, cos_sin, scores, maxes, sums, z, z_spill, *walk, max_len, **shape,
-        H_PAD=pad(heads), R=spill, R_PAD=pad(spill), ROT=rotary_dim, NEOX=rotary is None or rotary.neox, GROUP=group,
+        H_PAD=pad(heads), R=spill, R_PAD=pad(spill), ROT=rotary_dim, NEOX=rotary is None or rotary.neox,
+        COLUMNS=columns, SPILL_HEADS=max(1, columns // head_pad),
         ONE_PASS=one_pass, PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32x3", num_warps=NUM_WARPS,
     )
     # Each split's partials are taken against its own max: rescale to the largest (finite: one split holds
