@@ -304,7 +304,7 @@ def test_sata_step_reads_nothing_back_to_the_host(layers):
 
 
 class DecodeGraph:
-    """A FULL decode graph of `size` requests as vLLM 0.33's V2 runner captures and replays it, emulated on
+    """A slim layer's FULL decode graph of `size` requests as vLLM 0.33's V2 runner captures and replays it, emulated on
     the CPU: the runner's persistent input buffers; metadata built once by `build_for_cudagraph_capture`
     from the capture batch (every sequence 1 token long, max_seq_len = max_model_len); then, per step, the
     buffers rewritten in place, `build` called for its side effects only (its metadata is not what a
@@ -349,14 +349,13 @@ class DecodeGraph:
         from vllm.forward_context import set_forward_context
 
         real = len(step.seq_lens)
-        slots = common_metadata(step, block_table, self.builder.kv_cache_spec.block_size).slot_mapping
+        slots = common_metadata(step, block_table, BLOCK_SIZE).slot_mapping
         self.builder.build(0, self._fill(step, max(step.seq_lens), block_table, slots))
         q, k, v = (torch.cat((x, torch.randn(self.size - real, *x.shape[1:], dtype=x.dtype))) for x in (q, k, v))
         output = torch.empty(*q.shape[:2], v.shape[-1], dtype=q.dtype)
         impl, layer, captured = self.layer.impl, self.layer, self.captured
         with set_forward_context({LAYER_NAME: captured}, self.config):
-            if not layer.get_attn_backend().forward_includes_kv_cache_update:
-                impl.do_kv_cache_update(layer, k, v, kv_cache, self.slot_mapping)
+            impl.do_kv_cache_update(layer, k, v, kv_cache, self.slot_mapping)  # slim writes before forward
             return impl.forward(layer, q, k, v, kv_cache, captured, output)[:real]
 
 

@@ -1,9 +1,9 @@
 """Slim's Triton decode (`ops/slim/triton_decode.py`), the one pass and the two, against the torch form and
 the naive reference: on the CPU under Triton's interpreter at small shapes (ragged lengths, n = 1, page
 boundaries, several splits, a padded row, partial and interleaved rotary, spill 0 and > 0, padded head
-tiles, a head count not a power of two, several column tiles, of whole heads and of half a head, sliding windows whose
-freed pages hold NaN),
-and, marked `gpu`, compiled on CUDA at Llama-7B's shape."""
+tiles, a head count not a power of two, several column tiles, of whole heads and of half a head, sliding
+windows whose freed pages hold NaN), and, marked `gpu`, compiled on CUDA at Llama-7B's shape, once replayed
+from a CUDA graph."""
 
 import math
 
@@ -12,9 +12,9 @@ import torch
 
 from batches import rope_table
 from test_slim_ops import ROPES, free_out_of_window, sequence_case, write_sequences
+from test_slim_triton_store import random_maps
 from vllm_slim.ops.slim import Rotary, naive_slim_attention, paged_decode_slim_attention, store_rows
 from vllm_slim.ops.slim.decode import decode_rows
-from vllm_slim.ops.slim.projection import SlimProjection
 from vllm_slim.ops.slim.triton_decode import triton_decode_rows
 
 
@@ -144,15 +144,12 @@ def test_decode_step_replayed_from_a_cuda_graph_equals_eager():
     values, positions, slots, lengths and block tables were written into the same buffers. Each replay must
     write the cache an eager step writes and return its rows."""
     heads, head_size, spill, block_size, max_pages, batch = 32, 128, 2, 16, 256, 8
-    d = heads * head_size
     g = torch.Generator(device="cuda").manual_seed(1)
 
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, device="cuda") * scale
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
 
-    proj = SlimProjection(randn(d, d, scale=d**-0.5), randn(heads * spill, d, scale=d**-0.5),
-                          randn(2 * d, heads * spill, scale=(2 * d) ** -0.5), randn(2 * d, d, scale=(2 * d) ** -0.5),
-                          randn(d), randn(d), heads, 1.0)
+    proj = random_maps(heads, head_size, spill, g)
     rotary = Rotary(rope_table(max_pages * block_size, head_size), head_size, True).to("cuda")
     cache = randn(batch * max_pages + 1, heads, block_size, head_size + spill).half()
     q, key, value = (torch.zeros(batch, heads, head_size, dtype=torch.bfloat16, device="cuda") for _ in range(3))

@@ -77,21 +77,32 @@ def test_triton_store_then_triton_decode_equal_the_naive_reference(monkeypatch):
         torch.testing.assert_close(got[i : i + 1], expected, rtol=1e-4, atol=1e-4)
 
 
+def random_maps(heads: int, head_size: int, spill: int, generator: torch.Generator) -> SlimProjection:
+    """Random float32 maps of a refined layout's shapes (W_KV, W_SV, spill_in, refine, K and V biases) on the
+    generator's device, each map scaled by its fan-in, unit biases: the kernels only apply them."""
+    d, r = heads * head_size, heads * spill
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, device=generator.device) * scale
+
+    return SlimProjection(
+        randn(d, d, scale=d**-0.5), randn(r, d, scale=r**-0.5), randn(2 * d, r, scale=(2 * d) ** -0.5),
+        randn(2 * d, d, scale=(2 * d) ** -0.5), randn(d), randn(d), heads, 1.0,
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_store_on_cuda_at_llama7b_shape():
     """Compiled (not interpreted): 32 heads x 128, 2 spill coordinates a head, refined, biases, a bf16 model
     into an fp16 cache of block 16, 64 tokens (some padding), against the torch form on the same GPU."""
     heads, head_size, spill, block_size, tokens = 32, 128, 2, 16, 64
-    d = heads * head_size
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, device="cuda") * scale
 
-    # Random maps of the solved ones' shapes: the store only applies them.
-    proj = SlimProjection(randn(d, d), randn(heads * spill, d), randn(2 * d, heads * spill, scale=(2 * d) ** -0.5),
-                          randn(2 * d, d, scale=(2 * d) ** -0.5), randn(d), randn(d), heads, 1.0)
+    proj = random_maps(heads, head_size, spill, g)
     rotary = Rotary(rope_table(4096, head_size), head_size, True).to("cuda")
     key, value = randn(tokens, heads, head_size).bfloat16(), randn(tokens, heads, head_size).bfloat16()
     positions = torch.randint(0, 4096, (tokens,), generator=g, device="cuda")

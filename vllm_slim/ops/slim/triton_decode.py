@@ -266,7 +266,7 @@ def triton_decode_rows(
     check_device(device, "slim: the Triton decode")
     max_keys = max(num_pages, 1) * block_size
     walk = (stride_block, stride_head, stride_token, table.stride(0), scale, num_splits, window or NO_WINDOW, max_keys)
-    shape = dict(H=heads, D=head_size, D_PAD=pad(head_size), BLOCK_SIZE=block_size, TILE=TILE_TOKENS)
+    shape = dict(H=heads, D=head_size, D_PAD=head_pad, BLOCK_SIZE=block_size, TILE=TILE_TOKENS)
     scores, max_len = maxes, 0  # the one pass keeps no scores
     if not one_pass:
         max_len = -(-max_keys // TILE_TOKENS) * TILE_TOKENS  # a score per key position
