@@ -121,7 +121,7 @@ def slim_cases(compiled):
     spill, block_size, tokens = 2, 16, 3
     for shape, (heads, head_size, rotary_dim, neox) in SLIM_SHAPES.items():
         width, r = heads * head_size, heads * spill
-        zeros = lambda *s: torch.zeros(*s)  # noqa: E731
+        zeros = torch.zeros
         proj = SlimProjection(zeros(width, width), zeros(r, width), zeros(2 * width, r), zeros(2 * width, width),
                               zeros(width), zeros(width), heads, 1.0)
         rotary = Rotary(rope_table(64, rotary_dim), rotary_dim, neox)
